@@ -1,0 +1,2 @@
+//! Server side of the QEMU Machine Protocol.
+pub mod wire;

@@ -1,0 +1,2 @@
+//! Bytes to messages and back.
+pub mod json;

@@ -1,0 +1,2 @@
+//! qmp-demo: a QEMU-like VMM monitor.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Reusable QEMU-style QMP command handlers for a VMM built on `qmp-dispatcher`.

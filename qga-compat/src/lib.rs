@@ -1,0 +1,1 @@
+//! The qmp-dispatcher behind the QEMU guest agent's wire protocol.
