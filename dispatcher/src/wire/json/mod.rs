@@ -20,7 +20,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_nesting: 1024, max_tokens: 1 << 21, max_bytes: 64 << 20 }
+        Limits {
+            max_nesting: 1024,
+            max_tokens: 1 << 21,
+            max_bytes: 64 << 20,
+        }
     }
 }
 

@@ -1,0 +1,169 @@
+//! What a server says about itself and the limits it enforces, with their defaults.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::events::Throttle;
+use crate::wire::{Limits, LineEnding};
+
+/// The version a server reports in its greeting and in `query-version`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VersionInfo {
+    /// `{"major", "minor", "micro"}`; clients such as qmp-shell print it as a QEMU version.
+    pub qemu: VersionTriple,
+    /// Free-form package string (QEMU puts the distribution version here).
+    pub package: String,
+}
+
+/// A `major.minor.micro` version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct VersionTriple {
+    /// Major version.
+    pub major: u32,
+    /// Minor version.
+    pub minor: u32,
+    /// Micro version.
+    pub micro: u32,
+}
+
+impl VersionInfo {
+    /// A version with a package string.
+    pub fn new(major: u32, minor: u32, micro: u32, package: impl Into<String>) -> Self {
+        VersionInfo {
+            qemu: VersionTriple {
+                major,
+                minor,
+                micro,
+            },
+            package: package.into(),
+        }
+    }
+}
+
+impl Default for VersionInfo {
+    fn default() -> Self {
+        VersionInfo::new(
+            10,
+            0,
+            0,
+            concat!("qmp-dispatcher ", env!("CARGO_PKG_VERSION")),
+        )
+    }
+}
+
+/// The protocol flavour a server speaks on its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dialect {
+    /// Send the `{"QMP": ...}` greeting on connect.
+    pub greeting: bool,
+    /// Start in negotiation mode (only `qmp_capabilities` works until it succeeds).
+    pub negotiation: bool,
+    /// How each output message ends.
+    pub line_ending: LineEnding,
+    /// Deliver events to negotiated clients.
+    pub events: bool,
+}
+
+impl Dialect {
+    /// QEMU's QMP monitor.
+    pub const QMP: Dialect = Dialect {
+        greeting: true,
+        negotiation: true,
+        line_ending: LineEnding::CrLf,
+        events: true,
+    };
+    /// The QEMU guest agent: no greeting, no negotiation, `\n` endings, no events. Its
+    /// connections never gain `oob` or `async`, so they run one command at a time.
+    pub const GUEST_AGENT: Dialect = Dialect {
+        greeting: false,
+        negotiation: false,
+        line_ending: LineEnding::Lf,
+        events: false,
+    };
+}
+
+/// Default [`Config::max_in_flight`].
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 128;
+/// QEMU's `QMP_REQ_QUEUE_LEN_MAX`: in-band requests a legacy `oob` client may have queued.
+pub const LEGACY_QUEUE_LEN: usize = 8;
+/// Default [`Config::max_clients`].
+pub const DEFAULT_MAX_CLIENTS: usize = 1024;
+/// Default [`Config::max_pending_output`].
+pub const DEFAULT_MAX_PENDING_OUTPUT: usize = 8 << 20;
+/// Default [`Config::output_high_water`].
+pub const DEFAULT_OUTPUT_HIGH_WATER: usize = 256 << 10;
+/// Default [`Config::event_queue`].
+pub const DEFAULT_EVENT_QUEUE: usize = 4096;
+
+/// Everything a server is configured with. Built through [`crate::ServerBuilder`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Reported in the greeting and by `query-version`.
+    pub version: VersionInfo,
+    /// The protocol flavour.
+    pub dialect: Dialect,
+    /// Offer the `oob` capability (`exec-oob`).
+    pub offer_oob: bool,
+    /// Offer the `async` capability.
+    pub offer_async: bool,
+    /// Commands an async client may have in flight; at the limit the server stops reading
+    /// from that client until one completes. Nothing is ever dropped.
+    pub max_in_flight: usize,
+    /// Limits of one JSON value on input.
+    pub limits: Limits,
+    /// Connected clients per server; further connections wait in the listen backlog.
+    pub max_clients: usize,
+    /// A client whose unread output exceeds this (it does not read its events) is
+    /// disconnected.
+    pub max_pending_output: usize,
+    /// Reading from a client pauses while this much of its output is unsent.
+    pub output_high_water: usize,
+    /// Events buffered per client between the emitter and the client's connection task; a
+    /// client that falls further behind is disconnected.
+    pub event_queue: usize,
+    /// Rate limits by event name.
+    pub throttles: HashMap<String, Throttle>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            version: VersionInfo::default(),
+            dialect: Dialect::QMP,
+            offer_oob: true,
+            offer_async: true,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            limits: Limits::default(),
+            max_clients: DEFAULT_MAX_CLIENTS,
+            max_pending_output: DEFAULT_MAX_PENDING_OUTPUT,
+            output_high_water: DEFAULT_OUTPUT_HIGH_WATER,
+            event_queue: DEFAULT_EVENT_QUEUE,
+            throttles: HashMap::new(),
+        }
+    }
+}
+
+/// QEMU's throttled events and their keys, for servers that emit them.
+pub fn qemu_throttles() -> HashMap<String, Throttle> {
+    let second = Duration::from_secs(1);
+    let mut throttles = HashMap::new();
+    for (name, key) in [
+        ("RTC_CHANGE", None),
+        ("WATCHDOG", None),
+        ("BALLOON_CHANGE", None),
+        ("QUORUM_REPORT_BAD", Some("node-name")),
+        ("QUORUM_FAILURE", None),
+        ("VSERPORT_CHANGE", Some("id")),
+        ("MEMORY_DEVICE_SIZE_CHANGE", Some("qom-path")),
+        ("HV_BALLOON_STATUS_REPORT", None),
+    ] {
+        throttles.insert(
+            name.to_string(),
+            Throttle {
+                period: second,
+                key: key.map(str::to_string),
+            },
+        );
+    }
+    throttles
+}

@@ -1,0 +1,159 @@
+//! The connection task: one `select!` over client input, handler completions, events,
+//! output and shutdown.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::session::{Session, Shared};
+use crate::transport::Transport;
+use crate::wire::JsonDecoder;
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// EOF, everything answered.
+    Finished,
+    /// The peer went away (write error, full close) with work possibly in flight.
+    Departed,
+    /// The server is shutting down.
+    Shutdown,
+    /// The client did not read its output and exceeded the output limit.
+    TooSlow,
+}
+
+/// Serves one client until it leaves or the server stops. `decoder` carries the JSON
+/// parser state, so a protocol whose parser outlives connections (the guest agent) can pass
+/// the same one again.
+pub(crate) async fn serve<T: Transport>(
+    shared: Arc<Shared>,
+    transport: T,
+    decoder: &mut JsonDecoder,
+    shutdown: CancellationToken,
+    client: u64,
+) -> End {
+    let (mut reader, mut writer) = transport.split();
+    let (completions_tx, mut completions) = mpsc::unbounded_channel();
+    let cancel = shutdown.child_token();
+    let mut session = Session::new(Arc::clone(&shared), client, completions_tx, cancel.clone());
+    let mut events: Option<broadcast::Receiver<bytes::Bytes>> = session.new_subscription.take();
+    let mut input = BytesMut::with_capacity(8192);
+    let mut eof = false;
+    let config = &shared.config;
+
+    let end = loop {
+        // Take every request the session lets us take, and every completion that is ready,
+        // until neither makes progress; then write in one go.
+        let mut input_exhausted = false;
+        loop {
+            while session.can_read() {
+                let frame = if eof {
+                    decoder.decode_eof(&mut input)
+                } else {
+                    decoder.decode(&mut input)
+                };
+                match frame {
+                    Some(frame) => session.on_frame(frame),
+                    None => {
+                        input_exhausted = true;
+                        break;
+                    }
+                }
+            }
+            let mut progressed = false;
+            while let Ok(completion) = completions.try_recv() {
+                session.on_completion(completion);
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+        if events.is_none() {
+            events = session.new_subscription.take();
+        }
+        if session.out.len() > config.max_pending_output {
+            break End::TooSlow;
+        }
+        if eof && input_exhausted && !session.has_pending() && session.out.is_empty() {
+            break End::Finished;
+        }
+
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break End::Shutdown,
+            written = writer.write(&session.out), if !session.out.is_empty() => match written {
+                Ok(0) | Err(_) => break End::Departed,
+                Ok(n) => {
+                    session.out.advance(n);
+                    if session.out.is_empty() && writer.flush().await.is_err() {
+                        break End::Departed;
+                    }
+                }
+            },
+            Some(completion) = completions.recv() => session.on_completion(completion),
+            event = recv_event(&mut events) => match event {
+                Ok(line) => session.out.extend_from_slice(&line),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(client, missed, "client fell behind on events");
+                    break End::TooSlow;
+                }
+                Err(broadcast::error::RecvError::Closed) => events = None,
+            },
+            read = read_or_watch::<T>(&mut reader, &mut input, eof), if eof || session.can_read() => match read {
+                Input::Eof => eof = true,
+                Input::Data => {}
+                Input::Departed => break End::Departed,
+            },
+        }
+    };
+
+    session.close();
+    if end == End::TooSlow {
+        tracing::warn!(
+            client,
+            pending = session.out.len(),
+            "disconnecting a client that does not read its output"
+        );
+    }
+    let _ = writer.shutdown().await;
+    end
+}
+
+enum Input {
+    Data,
+    Eof,
+    Departed,
+}
+
+/// Reads more input; after EOF, watches instead for the client closing entirely.
+async fn read_or_watch<T: Transport>(
+    reader: &mut T::Reader,
+    input: &mut BytesMut,
+    eof: bool,
+) -> Input {
+    if eof {
+        T::departed(reader).await;
+        return Input::Departed;
+    }
+    if input.capacity() - input.len() < 4096 {
+        input.reserve(16 * 1024);
+    }
+    match reader.read_buf(input).await {
+        Ok(0) => Input::Eof,
+        Ok(_) => Input::Data,
+        Err(_) => Input::Departed,
+    }
+}
+
+async fn recv_event(
+    events: &mut Option<broadcast::Receiver<bytes::Bytes>>,
+) -> Result<bytes::Bytes, broadcast::error::RecvError> {
+    match events {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}

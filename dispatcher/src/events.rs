@@ -1,0 +1,175 @@
+//! Events: emitted from anywhere, timestamped once, broadcast to every negotiated client,
+//! optionally rate-limited like QEMU's throttled events.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+use crate::wire::{LineEnding, encode};
+
+/// How one event name is rate-limited.
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    /// At most one event per period (per key); QEMU uses one second.
+    pub period: Duration,
+    /// A member of `data` whose value separates independent streams (QEMU keys
+    /// `VSERPORT_CHANGE` by `id`, `QUORUM_REPORT_BAD` by `node-name`).
+    pub key: Option<String>,
+}
+
+/// A throttled stream: event name and the value of its key member.
+type ThrottleSlot = (String, Option<String>);
+
+/// A handle to emit events; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Events {
+    tx: broadcast::Sender<Bytes>,
+    throttles: Arc<HashMap<String, Throttle>>,
+    /// One slot per throttled (name, key) whose timer is running: the event to send when it
+    /// fires, if a newer one arrived meanwhile (only the last survives, as in QEMU).
+    pending: Arc<Mutex<HashMap<ThrottleSlot, Option<Bytes>>>>,
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl Events {
+    pub(crate) fn new(capacity: usize, throttles: HashMap<String, Throttle>) -> Self {
+        let (tx, _) = broadcast::channel(capacity.max(1));
+        Events {
+            tx,
+            throttles: Arc::new(throttles),
+            pending: Arc::default(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Bytes> {
+        self.tx.subscribe()
+    }
+
+    /// Emits `{"timestamp": ..., "event": name, "data": data}` to every client that has
+    /// completed negotiation. Clients still negotiating never see it, and it is not replayed
+    /// to clients that negotiate later.
+    pub fn emit(&self, name: &str, data: Option<Value>) {
+        let mut line = BytesMut::with_capacity(96);
+        encode::event(
+            &mut line,
+            name,
+            data.as_ref(),
+            SystemTime::now(),
+            LineEnding::CrLf,
+        );
+        let line = line.freeze();
+        match self.throttles.get(name) {
+            None => self.send(line),
+            Some(throttle) => self.emit_throttled(name, throttle, data.as_ref(), line),
+        }
+    }
+
+    /// Emits an event whose data is any serializable value.
+    pub fn emit_data<T: Serialize>(&self, name: &str, data: &T) {
+        self.emit(name, serde_json::to_value(data).ok());
+    }
+
+    /// The number of clients currently receiving events.
+    pub fn receivers(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
+    fn send(&self, line: Bytes) {
+        // No receiver is not an error: nobody is listening yet.
+        let _ = self.tx.send(line);
+    }
+
+    fn emit_throttled(&self, name: &str, throttle: &Throttle, data: Option<&Value>, line: Bytes) {
+        let key_value = throttle
+            .key
+            .as_ref()
+            .and_then(|member| data?.get(member))
+            .map(Value::to_string);
+        let slot = (name.to_string(), key_value);
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(waiting) = pending.get_mut(&slot) {
+            *waiting = Some(line);
+            return;
+        }
+        let Some(runtime) = tokio::runtime::Handle::try_current()
+            .ok()
+            .or_else(|| self.runtime.clone())
+        else {
+            // No runtime to run the timer on: send unthrottled rather than lose the event.
+            drop(pending);
+            return self.send(line);
+        };
+        pending.insert(slot.clone(), None);
+        drop(pending);
+        self.send(line);
+        let this = self.clone();
+        let period = throttle.period;
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let mut pending = this.pending.lock().unwrap_or_else(|e| e.into_inner());
+                match pending.get_mut(&slot).and_then(Option::take) {
+                    Some(line) => {
+                        drop(pending);
+                        this.send(line);
+                    }
+                    None => {
+                        pending.remove(&slot);
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events")
+            .field("receivers", &self.receivers())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event_name(line: &Bytes) -> (String, Value) {
+        let v: Value = serde_json::from_slice(line).unwrap();
+        (v["event"].as_str().unwrap().to_string(), v["data"].clone())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttled_events_keep_only_the_last_per_period() {
+        let mut throttles = HashMap::new();
+        throttles.insert(
+            "RTC_CHANGE".to_string(),
+            Throttle {
+                period: Duration::from_secs(1),
+                key: None,
+            },
+        );
+        let events = Events::new(16, throttles);
+        let mut rx = events.subscribe();
+        for offset in 0..5 {
+            events.emit("RTC_CHANGE", Some(serde_json::json!({"offset": offset})));
+        }
+        events.emit("STOP", None);
+        assert_eq!(event_name(&rx.recv().await.unwrap()).1["offset"], 0);
+        assert_eq!(event_name(&rx.recv().await.unwrap()).0, "STOP");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(event_name(&rx.recv().await.unwrap()).1["offset"], 4);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(rx.try_recv().is_err());
+        // After the quiet period the next event goes out at once.
+        events.emit("RTC_CHANGE", Some(serde_json::json!({"offset": 9})));
+        assert_eq!(event_name(&rx.recv().await.unwrap()).1["offset"], 9);
+    }
+}

@@ -1,0 +1,133 @@
+//! The per-client table of dispatched commands that have not replied yet.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::value::RawValue;
+use slab::Slab;
+use tokio_util::sync::CancellationToken;
+
+use crate::qmp_return::Ticket;
+
+/// One command in flight.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    seq: u64,
+    /// The raw id to echo in the reply.
+    pub(crate) id: Option<Box<RawValue>>,
+    /// The id in canonical form, for duplicate detection and cancel by id.
+    pub(crate) id_key: Option<String>,
+    pub(crate) command: Arc<str>,
+    pub(crate) started: Instant,
+    /// A child of the connection's token: cancelled by `async-command-cancel` or disconnect.
+    pub(crate) cancel: CancellationToken,
+    /// Sent with `exec-oob`: its reply may overtake in-band replies.
+    pub(crate) oob: bool,
+    /// QAPI `success-response: false`: success sends nothing.
+    pub(crate) silent_success: bool,
+    /// Listed in the id index (async clients, whose ids are unique).
+    indexed: bool,
+}
+
+/// Slab of a client's in-flight commands, with an index by id for async clients.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    entries: Slab<Entry>,
+    by_id: HashMap<String, usize>,
+    next_seq: u64,
+}
+
+/// What to record for a newly dispatched command.
+pub(crate) struct NewEntry {
+    pub(crate) id: Option<Box<RawValue>>,
+    pub(crate) id_key: Option<String>,
+    pub(crate) command: Arc<str>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) oob: bool,
+    pub(crate) silent_success: bool,
+    /// Index by id: true for async clients, whose in-flight ids are unique.
+    pub(crate) indexed: bool,
+}
+
+impl InFlight {
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// True if an async command with this canonical id is in flight.
+    pub(crate) fn has_id(&self, id_key: &str) -> bool {
+        self.by_id.contains_key(id_key)
+    }
+
+    pub(crate) fn insert(&mut self, new: NewEntry) -> Ticket {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let indexed_key = new.id_key.clone().filter(|_| new.indexed);
+        let key = self.entries.insert(Entry {
+            seq,
+            id: new.id,
+            id_key: new.id_key,
+            command: new.command,
+            started: Instant::now(),
+            cancel: new.cancel,
+            oob: new.oob,
+            silent_success: new.silent_success,
+            indexed: new.indexed,
+        });
+        if let Some(id_key) = indexed_key {
+            self.by_id.insert(id_key, key);
+        }
+        Ticket { key, seq }
+    }
+
+    /// Removes and returns the entry a completion belongs to; `None` when it was cancelled
+    /// (or the slot now belongs to a newer command).
+    pub(crate) fn take(&mut self, ticket: Ticket) -> Option<Entry> {
+        match self.entries.get(ticket.key) {
+            Some(entry) if entry.seq == ticket.seq => {}
+            _ => return None,
+        }
+        let entry = self.entries.remove(ticket.key);
+        if let (true, Some(id_key)) = (entry.indexed, &entry.id_key) {
+            self.by_id.remove(id_key);
+        }
+        Some(entry)
+    }
+
+    /// Removes the command with this canonical id, whatever mode it was sent in.
+    pub(crate) fn take_by_id(&mut self, id_key: &str) -> Option<(Ticket, Entry)> {
+        let key = match self.by_id.get(id_key) {
+            Some(&key) => key,
+            None => {
+                self.entries
+                    .iter()
+                    .find(|(_, e)| e.id_key.as_deref() == Some(id_key))?
+                    .0
+            }
+        };
+        let ticket = Ticket {
+            key,
+            seq: self.entries[key].seq,
+        };
+        self.take(ticket).map(|entry| (ticket, entry))
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (Ticket, &Entry)> {
+        self.entries
+            .iter()
+            .map(|(key, e)| (Ticket { key, seq: e.seq }, e))
+    }
+
+    /// Cancels and forgets everything: the client is gone.
+    pub(crate) fn cancel_all(&mut self) {
+        for entry in self.entries.drain() {
+            entry.cancel.cancel();
+        }
+        self.by_id.clear();
+    }
+}

@@ -1,0 +1,190 @@
+//! `QmpReturn`: the one reply a request is owed, deliverable now or later, from any thread.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+use crate::error::QmpError;
+
+/// Names one dispatched request inside its connection. The sequence number makes a late
+/// completion harmless after its slab slot has been reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ticket {
+    pub(crate) key: usize,
+    pub(crate) seq: u64,
+}
+
+/// What a handler produced for one request, on its way to the connection's writer.
+#[derive(Debug)]
+pub(crate) struct Completion {
+    pub(crate) ticket: Ticket,
+    pub(crate) outcome: Outcome,
+}
+
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Return {
+        value: Box<RawValue>,
+        prefix: Option<&'static [u8]>,
+    },
+    Error(QmpError),
+}
+
+/// The reply owed to one request.
+///
+/// A handler answers at once, or keeps the `QmpReturn`, moves it to another task or thread,
+/// and answers later. The answering methods take `self`, so a request gets one reply at most;
+/// dropping a `QmpReturn` unanswered still answers the client, with a `GenericError`, and
+/// logs a warning, so a forgotten reply never hangs a client.
+///
+/// When the client disconnects, or cancels the request with `async-command-cancel`, the
+/// return is *cancelled*: [`is_cancelled`](Self::is_cancelled) turns true, the
+/// [`cancelled`](Self::cancelled) future resolves, and a reply sent afterwards is discarded
+/// silently. It never reaches another client.
+#[must_use = "a QmpReturn does nothing unless answered with ok() or err(); dropping it sends an error reply"]
+pub struct QmpReturn {
+    /// `None` once answered.
+    sink: Option<Sink>,
+    command: Arc<str>,
+    cancel: CancellationToken,
+    /// Counts live returns for the server's leak check; decremented on drop.
+    live: Arc<AtomicUsize>,
+}
+
+#[derive(Debug)]
+struct Sink {
+    tx: UnboundedSender<Completion>,
+    ticket: Ticket,
+}
+
+impl QmpReturn {
+    pub(crate) fn new(
+        tx: UnboundedSender<Completion>,
+        ticket: Ticket,
+        command: Arc<str>,
+        cancel: CancellationToken,
+        live: Arc<AtomicUsize>,
+    ) -> Self {
+        live.fetch_add(1, Ordering::Relaxed);
+        QmpReturn {
+            sink: Some(Sink { tx, ticket }),
+            command,
+            cancel,
+            live,
+        }
+    }
+
+    /// Replies `{"return": value}`.
+    pub fn ok<T: Serialize + ?Sized>(self, value: &T) {
+        match serde_json::value::to_raw_value(value) {
+            Ok(raw) => self.ok_raw(raw),
+            Err(e) => {
+                let desc = format!(
+                    "Command {} produced an unserializable reply: {e}",
+                    self.command
+                );
+                self.err(QmpError::generic(desc));
+            }
+        }
+    }
+
+    /// Replies `{"return": value}` with a value that is already JSON.
+    pub fn ok_raw(mut self, value: Box<RawValue>) {
+        self.send(Outcome::Return {
+            value,
+            prefix: None,
+        });
+    }
+
+    /// Replies `{"return": value}`, writing `prefix` right before the reply line. The guest
+    /// agent's `guest-sync-delimited` uses this for its 0xFF sentinel.
+    pub fn ok_with_prefix<T: Serialize + ?Sized>(mut self, prefix: &'static [u8], value: &T) {
+        match serde_json::value::to_raw_value(value) {
+            Ok(value) => self.send(Outcome::Return {
+                value,
+                prefix: Some(prefix),
+            }),
+            Err(e) => self.err(QmpError::generic(e.to_string())),
+        }
+    }
+
+    /// Replies with an error.
+    pub fn err(mut self, error: QmpError) {
+        self.send(Outcome::Error(error));
+    }
+
+    /// Replies with the handler's result.
+    pub fn reply<T: Serialize>(self, result: Result<T, QmpError>) {
+        match result {
+            Ok(value) => self.ok(&value),
+            Err(error) => self.err(error),
+        }
+    }
+
+    /// The command this return answers.
+    pub fn command(&self) -> &str {
+        &self.command
+    }
+
+    /// True once the request was cancelled: its client disconnected or cancelled it. A reply
+    /// is then discarded.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Resolves when the request is cancelled.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: dropping the future loses nothing, and a new one resolves at once if the
+    /// request was cancelled meanwhile. Use it in `select!` beside the work itself.
+    pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
+        self.cancel.cancelled()
+    }
+
+    /// A token that is cancelled with this request, for work that runs apart from the
+    /// `QmpReturn` (a blocking thread, a child task).
+    pub fn cancellation_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    fn send(&mut self, outcome: Outcome) {
+        if let Some(sink) = self.sink.take() {
+            // The connection may be gone; then the reply has nobody to go to, by design.
+            let _ = sink.tx.send(Completion {
+                ticket: sink.ticket,
+                outcome,
+            });
+        }
+    }
+}
+
+impl Drop for QmpReturn {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        if self.sink.is_none() || self.cancel.is_cancelled() {
+            return;
+        }
+        let desc = if std::thread::panicking() {
+            tracing::error!(command = %self.command, "handler panicked before replying");
+            format!("Command {} failed: its handler panicked", self.command)
+        } else {
+            tracing::warn!(command = %self.command, "QmpReturn dropped without a reply");
+            format!("Command {} completed without a reply", self.command)
+        };
+        self.send(Outcome::Error(QmpError::generic(desc)));
+    }
+}
+
+impl std::fmt::Debug for QmpReturn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QmpReturn")
+            .field("command", &self.command)
+            .field("answered", &self.sink.is_none())
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
+}

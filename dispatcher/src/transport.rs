@@ -1,0 +1,97 @@
+//! Byte streams a server can serve: Unix and TCP sockets, or any `AsyncRead + AsyncWrite`.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadHalf, WriteHalf};
+use tokio::net::{TcpStream, UnixStream, tcp, unix};
+
+/// A connection's byte stream, split into halves for the connection loop.
+pub trait Transport: Send + 'static {
+    /// The input half.
+    type Reader: AsyncRead + Send + Unpin + 'static;
+    /// The output half.
+    type Writer: AsyncWrite + Send + Unpin + 'static;
+
+    /// Splits the stream.
+    fn split(self) -> (Self::Reader, Self::Writer);
+
+    /// After the client sent EOF, resolves if it has closed the connection entirely rather
+    /// than only its sending side. A half-closed client still gets its replies; a departed
+    /// one has its commands cancelled at once. Never resolves where the transport cannot tell.
+    fn departed(reader: &Self::Reader) -> impl Future<Output = ()> + Send + '_ {
+        let _ = reader;
+        std::future::pending()
+    }
+}
+
+/// How often a half-open Unix socket is checked for a full close.
+const DEPARTURE_POLL: Duration = Duration::from_millis(20);
+
+impl Transport for UnixStream {
+    type Reader = unix::OwnedReadHalf;
+    type Writer = unix::OwnedWriteHalf;
+
+    fn split(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
+    }
+
+    #[allow(clippy::manual_async_fn)] // The trait promises a `Send` future.
+    fn departed(reader: &Self::Reader) -> impl Future<Output = ()> + Send + '_ {
+        // A Unix socket whose peer closed both directions reports a hang-up (write side
+        // closed); after a mere shutdown(SHUT_WR) it does not.
+        async move {
+            loop {
+                match reader.ready(Interest::WRITABLE).await {
+                    Ok(ready) if !ready.is_write_closed() => {}
+                    _ => return,
+                }
+                tokio::time::sleep(DEPARTURE_POLL).await;
+            }
+        }
+    }
+}
+
+impl Transport for TcpStream {
+    type Reader = tcp::OwnedReadHalf;
+    type Writer = tcp::OwnedWriteHalf;
+
+    fn split(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
+    }
+}
+
+/// Any byte stream (stdio, a character device, an in-memory duplex), served like a socket.
+#[derive(Debug)]
+pub struct ByteStream<T>(pub T);
+
+impl<T: AsyncRead + AsyncWrite + Send + 'static> Transport for ByteStream<T> {
+    type Reader = ReadHalf<T>;
+    type Writer = WriteHalf<T>;
+
+    fn split(self) -> (Self::Reader, Self::Writer) {
+        tokio::io::split(self.0)
+    }
+}
+
+/// Separate input and output streams, such as stdin and stdout.
+#[derive(Debug)]
+pub struct Pipes<R, W> {
+    /// Where requests come from.
+    pub input: R,
+    /// Where replies go.
+    pub output: W,
+}
+
+impl<R, W> Transport for Pipes<R, W>
+where
+    R: AsyncRead + Send + Unpin + 'static,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
+    type Reader = R;
+    type Writer = W;
+
+    fn split(self) -> (R, W) {
+        (self.input, self.output)
+    }
+}

@@ -1,0 +1,181 @@
+//! The request envelope: `{"execute" | "exec-oob": NAME, "arguments": {...}, "id": ANY}`,
+//! validated in QEMU's order with QEMU's texts.
+
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use super::json::ParsedValue;
+use super::qdict;
+use crate::error::QmpError;
+
+/// A request whose envelope is valid. The command itself is not looked up yet.
+#[derive(Debug)]
+pub struct Request {
+    /// The command name, from `execute` or `exec-oob`.
+    pub command: String,
+    /// True when sent with `exec-oob`.
+    pub oob: bool,
+    /// The arguments; `{}` when the member was absent.
+    pub arguments: Map<String, Value>,
+    /// The raw `id`, echoed verbatim in the reply.
+    pub id: Option<Box<RawValue>>,
+    /// The parsed `id`, used to compare ids (`1.0` and `1.00` are the same id).
+    pub id_value: Option<Value>,
+}
+
+/// A request rejected before dispatch. `id` is set once the input was known to be an object.
+#[derive(Debug)]
+pub struct RequestError {
+    /// The raw `id` to echo, if any.
+    pub id: Option<Box<RawValue>>,
+    /// What is wrong.
+    pub error: QmpError,
+}
+
+/// True when QEMU would run this value out of band: it has `exec-oob` and no `execute`.
+/// QEMU decides this before validating anything, so the error replies of such a request also
+/// bypass the in-band queue.
+pub fn is_oob_keyed(value: &Value) -> bool {
+    value
+        .as_object()
+        .is_some_and(|map| map.contains_key("exec-oob") && !map.contains_key("execute"))
+}
+
+/// Validates the envelope of one decoded value. `oob_enabled` is whether this client
+/// negotiated the `oob` capability: without it `exec-oob` is just an unexpected member.
+pub fn parse(parsed: ParsedValue, oob_enabled: bool) -> Result<Request, RequestError> {
+    let Value::Object(mut map) = parsed.value else {
+        return Err(RequestError {
+            id: None,
+            error: QmpError::generic("QMP input must be a JSON object"),
+        });
+    };
+    let id = parsed.id;
+    let fail = |id, desc: String| {
+        Err(RequestError {
+            id,
+            error: QmpError::generic(desc),
+        })
+    };
+
+    // QEMU checks members in its hash-table order and reports the first problem it meets.
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort_by_key(|key| qdict::bucket(key));
+    let mut command_key: Option<&'static str> = None;
+    for key in keys {
+        match key.as_str() {
+            name @ ("execute" | "exec-oob") if name == "execute" || oob_enabled => {
+                if !map[name].is_string() {
+                    return fail(id, format!("QMP input member '{name}' must be a string"));
+                }
+                if command_key.is_some() {
+                    return fail(
+                        id,
+                        "QMP input member 'execute' clashes with 'exec-oob'".into(),
+                    );
+                }
+                command_key = Some(if name == "execute" {
+                    "execute"
+                } else {
+                    "exec-oob"
+                });
+            }
+            "arguments" => {
+                if !map["arguments"].is_object() {
+                    return fail(id, "QMP input member 'arguments' must be an object".into());
+                }
+            }
+            "id" => {}
+            other => return fail(id, format!("QMP input member '{other}' is unexpected")),
+        }
+    }
+    let Some(command_key) = command_key else {
+        return fail(id, "QMP input lacks member 'execute'".into());
+    };
+    let oob = command_key == "exec-oob";
+    let Some(Value::String(command)) = map.remove(command_key) else {
+        unreachable!("checked to be a string above");
+    };
+    let arguments = match map.remove("arguments") {
+        Some(Value::Object(arguments)) => arguments,
+        _ => Map::new(),
+    };
+    Ok(Request {
+        command,
+        oob,
+        arguments,
+        id,
+        id_value: map.remove("id"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(text: &str) -> ParsedValue {
+        let value: Value = serde_json::from_str(text).unwrap();
+        let id = value
+            .get("id")
+            .map(|id| RawValue::from_string(id.to_string()).unwrap());
+        ParsedValue { value, id }
+    }
+
+    fn desc(text: &str, oob: bool) -> String {
+        parse(parsed(text), oob).unwrap_err().error.desc
+    }
+
+    #[test]
+    fn qemu_texts_in_qemu_order() {
+        assert_eq!(desc("[1]", false), "QMP input must be a JSON object");
+        assert_eq!(desc("{}", false), "QMP input lacks member 'execute'");
+        assert_eq!(
+            desc(r#"{"execute":true}"#, false),
+            "QMP input member 'execute' must be a string"
+        );
+        assert_eq!(
+            desc(r#"{"execute":"x","arguments":[]}"#, false),
+            "QMP input member 'arguments' must be an object"
+        );
+        assert_eq!(
+            desc(r#"{"execute":"x","zzz":1,"aaa":2}"#, false),
+            "QMP input member 'aaa' is unexpected"
+        );
+        assert_eq!(
+            desc(r#"{"exec-oob":"x"}"#, false),
+            "QMP input member 'exec-oob' is unexpected"
+        );
+        assert_eq!(
+            desc(r#"{"exec-oob":"x","execute":"y"}"#, true),
+            "QMP input member 'execute' clashes with 'exec-oob'"
+        );
+        assert_eq!(
+            desc(r#"{"exec-oob":1}"#, true),
+            "QMP input member 'exec-oob' must be a string"
+        );
+    }
+
+    #[test]
+    fn id_is_kept_on_envelope_errors_but_not_for_non_objects() {
+        assert!(
+            parse(parsed(r#"{"id":5}"#), false)
+                .unwrap_err()
+                .id
+                .is_some()
+        );
+        assert!(parse(parsed("[5]"), false).unwrap_err().id.is_none());
+    }
+
+    #[test]
+    fn valid_oob_request() {
+        let req = parse(
+            parsed(r#"{"exec-oob":"q","arguments":{"a":1},"id":"x"}"#),
+            true,
+        )
+        .unwrap();
+        assert!(req.oob);
+        assert_eq!(req.command, "q");
+        assert_eq!(req.arguments["a"], 1);
+        assert_eq!(req.id.unwrap().get(), "\"x\"");
+    }
+}
