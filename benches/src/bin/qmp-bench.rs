@@ -336,17 +336,7 @@ impl Server {
 
     /// User plus system CPU time the server has used so far, in seconds.
     fn cpu_seconds(&self) -> Result<f64, BoxError> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
-        // The command name may contain spaces; fields are counted after its closing ')'.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .ok_or("bad stat")?
-            .1
-            .split_whitespace()
-            .collect();
-        let utime: f64 = fields.get(11).ok_or("bad stat")?.parse()?;
-        let stime: f64 = fields.get(12).ok_or("bad stat")?.parse()?;
-        Ok((utime + stime) / USER_HZ)
+        process_cpu_seconds(&self.pid.to_string())
     }
 
     /// A `/proc/PID/status` memory field such as `VmRSS` or `VmHWM`, in KiB.
@@ -364,6 +354,21 @@ impl Server {
             let _ = child.kill().await;
         }
     }
+}
+
+/// User plus system CPU time of process `pid` (a number or `self`) so far, in seconds.
+fn process_cpu_seconds(pid: &str) -> Result<f64, BoxError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may contain spaces; fields are counted after its closing ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .ok_or("bad stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let utime: f64 = fields.get(11).ok_or("bad stat")?.parse()?;
+    let stime: f64 = fields.get(12).ok_or("bad stat")?.parse()?;
+    Ok((utime + stime) / USER_HZ)
 }
 
 /// Opens `clients` connections concurrently, client `i` on `targets[i % targets.len()]`.
@@ -394,6 +399,8 @@ async fn measure_load(
 ) -> Result<(serde_json::Value, String), BoxError> {
     let conns = open_clients(cli.clients, targets, &opts).await?;
     let cpu_before = server.map(Server::cpu_seconds).transpose()?;
+    // The generator's own CPU time shows whether it, not the server, is the bottleneck.
+    let generator_cpu_before = process_cpu_seconds("self")?;
     let start = Instant::now();
     let duration = cli.duration.map(Duration::from_secs_f64);
     let deadline = duration.map(|duration| start + duration);
@@ -424,6 +431,7 @@ async fn measure_load(
         (Some(server), Some(before)) => Some(server.cpu_seconds()? - before),
         _ => None,
     };
+    let generator_cpu_seconds = process_cpu_seconds("self")? - generator_cpu_before;
     let peak_rss_kib = server
         .map(|server| server.memory_kib("VmHWM"))
         .transpose()?;
@@ -439,6 +447,7 @@ async fn measure_load(
         "max_us": max,
         "errors": errors,
         "cpu_seconds": cpu_seconds,
+        "generator_cpu_seconds": generator_cpu_seconds,
         "peak_rss_kib": peak_rss_kib,
         "clients": cli.clients,
         "depth": opts.depth,
@@ -448,6 +457,11 @@ async fn measure_load(
          latency p50 {p50:.1} us, p99 {p99:.1} us, max {max:.1} us; {errors} errors",
         cli.clients, opts.depth
     );
+    write!(
+        line,
+        "; generator cpu {generator_cpu_seconds:.2} s ({:.2} cores)",
+        generator_cpu_seconds / seconds
+    )?;
     if let (Some(cpu), Some(rss)) = (cpu_seconds, peak_rss_kib) {
         let cores = cpu / seconds;
         write!(
