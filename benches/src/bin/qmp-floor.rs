@@ -120,35 +120,34 @@ fn answer(value: &[u8], out: &mut Vec<u8>, delayed: &mpsc::UnboundedSender<Vec<u
             return;
         }
     };
-    let mut reply = Vec::with_capacity(48);
+    // The reply goes straight into `out`; only a delayed one is split off into its own Vec.
+    let reply_start = out.len();
     let command = request.execute.or(request.exec_oob);
     if command.is_none() {
-        reply.extend_from_slice(
+        out.extend_from_slice(
             br#"{"error": {"class": "GenericError", "desc": "QMP input lacks member 'execute'"}"#,
         );
     } else {
-        reply.extend_from_slice(br#"{"return": {}"#);
+        out.extend_from_slice(br#"{"return": {}"#);
     }
     if let Some(id) = request.id {
-        reply.extend_from_slice(br#", "id": "#);
-        reply.extend_from_slice(id.get().as_bytes());
+        out.extend_from_slice(br#", "id": "#);
+        out.extend_from_slice(id.get().as_bytes());
     }
-    reply.extend_from_slice(b"}\r\n");
+    out.extend_from_slice(b"}\r\n");
 
     let delay = match (command.map(RawValue::get), request.arguments) {
         (Some(r#""x-delay""#), Some(args)) => serde_json::from_str::<DelayArgs>(args.get()).ok(),
         _ => None,
     };
-    match delay {
-        Some(DelayArgs { ms }) => {
-            let delayed = delayed.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                // The connection may be gone by now; then the reply has nobody to go to.
-                let _ = delayed.send(reply);
-            });
-        }
-        None => out.extend_from_slice(&reply),
+    if let Some(DelayArgs { ms }) = delay {
+        let reply = out.split_off(reply_start);
+        let delayed = delayed.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            // The connection may be gone by now; then the reply has nobody to go to.
+            let _ = delayed.send(reply);
+        });
     }
 }
 
