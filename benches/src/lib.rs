@@ -1,1 +1,26 @@
 //! Benchmark tools for qmp-dispatcher.
+//!
+//! # Layout
+//!
+//! - `src/bin/qmp-floor.rs`: the floor, a minimal tokio QMP server that greets, parses every
+//!   request with serde_json and answers `{"return": {}}` (`x-delay {"ms": N}` answers after
+//!   N ms without holding up the client's other requests). Any QMP server is measured against it.
+//! - `src/bin/qmp-bench.rs`: the load generator. Clients keep `--depth` commands in flight each
+//!   and report throughput, latency percentiles, and the server's CPU time and peak RSS.
+//!
+//! # Usage
+//!
+//! ```text
+//! # floor, 8 async clients with 8 commands in flight each, for 5 s
+//! qmp-bench --spawn "target/release/qmp-floor --unix /tmp/f.sock" --unix /tmp/f.sock \
+//!     --clients 8 --depth 8 --caps async
+//! # QEMU serves one client per monitor socket: give one --unix per client
+//! qmp-bench --spawn "qemu-storage-daemon --chardev socket,path=/tmp/q/m0.sock,server=on,wait=off,id=m0 \
+//!     --monitor chardev=m0 --chardev socket,path=/tmp/q/m1.sock,server=on,wait=off,id=m1 \
+//!     --monitor chardev=m1" --unix /tmp/q/m0.sock --unix /tmp/q/m1.sock --clients 2 --json
+//! # server memory per idle negotiated client
+//! qmp-bench --pid "$(pidof qmp-floor)" --unix /tmp/f.sock --idle-clients 1000 --caps async
+//! ```
+//!
+//! On a 2-core machine the generator and the server share the cores: compare the server's CPU
+//! per command (reported with `--spawn` or `--pid`) rather than commands/s alone.

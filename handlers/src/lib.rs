@@ -1,1 +1,3 @@
 //! Reusable QEMU-style QMP command handlers for a VMM built on `qmp-dispatcher`.
+
+pub mod display;
