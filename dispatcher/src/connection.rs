@@ -103,7 +103,9 @@ pub(crate) async fn serve<T: Transport>(
                 }
                 Err(broadcast::error::RecvError::Closed) => events = None,
             },
-            read = read_or_watch::<T>(&mut reader, &mut input, eof), if eof || session.can_read() => match read {
+            // While reading is suspended (or after EOF) the input is only watched for the
+            // client leaving, so its commands are cancelled without waiting for them.
+            read = read_or_watch::<T>(&mut reader, &mut input, eof || !session.can_read()) => match read {
                 Input::Eof => eof = true,
                 Input::Data => {}
                 Input::Departed => break End::Departed,
