@@ -12,6 +12,9 @@ use crate::session::{Session, Shared};
 use crate::transport::Transport;
 use crate::wire::JsonDecoder;
 
+/// How long a closing connection may take to flush what it still has to say.
+const SHUTDOWN_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum End {
@@ -113,6 +116,14 @@ pub(crate) async fn serve<T: Transport>(
         }
     };
 
+    if end == End::Shutdown {
+        // Say goodbye properly: replies already produced (`quit`'s among them) still go out.
+        while let Ok(completion) = completions.try_recv() {
+            session.on_completion(completion);
+        }
+        let flush = writer.write_all(&session.out);
+        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, flush).await;
+    }
     session.close();
     if end == End::TooSlow {
         tracing::warn!(

@@ -37,7 +37,16 @@ pub struct Events {
 }
 
 impl Events {
-    pub(crate) fn new(capacity: usize, throttles: HashMap<String, Throttle>) -> Self {
+    /// An event channel that buffers `capacity` events per client, with no throttling. A
+    /// server builds its own unless given one with [`crate::ServerBuilder::events`]; build
+    /// one first when handlers registered before the server must emit events.
+    pub fn new(capacity: usize) -> Self {
+        Self::with_throttles(capacity, HashMap::new())
+    }
+
+    /// Like [`new`](Self::new), with rate limits by event name
+    /// ([`crate::config::qemu_throttles`] has QEMU's).
+    pub fn with_throttles(capacity: usize, throttles: HashMap<String, Throttle>) -> Self {
         let (tx, _) = broadcast::channel(capacity.max(1));
         Events {
             tx,
@@ -156,7 +165,7 @@ mod tests {
                 key: None,
             },
         );
-        let events = Events::new(16, throttles);
+        let events = Events::with_throttles(16, throttles);
         let mut rx = events.subscribe();
         for offset in 0..5 {
             events.emit("RTC_CHANGE", Some(serde_json::json!({"offset": offset})));

@@ -37,6 +37,7 @@ pub struct Server {
 pub struct ServerBuilder {
     registry: Registry,
     config: Config,
+    events: Option<Events>,
 }
 
 /// A snapshot of a server's live totals.
@@ -124,6 +125,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Uses an event channel made beforehand (see [`Events::new`]); the builder's
+    /// `event_queue` and `throttle` settings then do not apply.
+    pub fn events(mut self, events: Events) -> Self {
+        self.events = Some(events);
+        self
+    }
+
     /// Any other configuration.
     pub fn config(mut self, f: impl FnOnce(&mut Config)) -> Self {
         f(&mut self.config);
@@ -133,7 +141,9 @@ impl ServerBuilder {
     /// Builds the server. Call inside a tokio runtime if throttled events will be emitted
     /// from threads outside it.
     pub fn build(self) -> Server {
-        let events = Events::new(self.config.event_queue, self.config.throttles.clone());
+        let events = self
+            .events
+            .unwrap_or_else(|| Events::with_throttles(self.config.event_queue, self.config.throttles.clone()));
         let client_slots = Arc::new(Semaphore::new(self.config.max_clients));
         Server {
             shared: Arc::new(Shared {
@@ -152,10 +162,7 @@ impl ServerBuilder {
 impl Server {
     /// Starts configuring a server for these commands.
     pub fn builder(registry: Registry) -> ServerBuilder {
-        ServerBuilder {
-            registry,
-            config: Config::default(),
-        }
+        ServerBuilder { registry, config: Config::default(), events: None }
     }
 
     /// The handle to emit events with.

@@ -273,7 +273,7 @@ impl std::error::Error for DumpError {}
 /// (unless `path` is not a regular file, e.g. a device node), so a failed
 /// call leaves no truncated image behind.
 ///
-/// Error texts follow QEMU: `Could not open '<path>': <reason>` when the file
+/// Error texts follow QEMU 10.0: `failed to open file '<path>': <reason>` when the file
 /// cannot be created, `Unable to write to file: <reason>` when writing fails.
 pub fn write_image(
     image: &Image,
@@ -286,7 +286,7 @@ pub fn write_image(
     }
     let file = File::create(path).map_err(|error| {
         DumpError::Io(format!(
-            "Could not open '{}': {}",
+            "failed to open file '{}': {}",
             path.display(),
             os_error_text(&error)
         ))
@@ -499,7 +499,7 @@ mod tests {
         assert_eq!(
             error.to_string(),
             format!(
-                "Could not open '{}': No such file or directory",
+                "failed to open file '{}': No such file or directory",
                 path.display()
             )
         );

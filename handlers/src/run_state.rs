@@ -1,0 +1,101 @@
+//! The VM's run state and the commands that change it: `query-status`, `stop`, `cont`,
+//! `system_powerdown`, with QEMU's events.
+
+use std::sync::{Arc, Mutex};
+
+use qmp_dispatcher::{Command, Events, NoArgs, QmpError, RegisterError, RegistryBuilder};
+use serde::Serialize;
+use serde_json::json;
+
+/// QEMU's `RunState` values a simple VMM goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// Guest is running.
+    Running,
+    /// Stopped by `stop`.
+    Paused,
+    /// Guest has shut down.
+    Shutdown,
+}
+
+/// `query-status` result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StatusInfo {
+    /// True while the guest runs.
+    pub running: bool,
+    /// The detailed state.
+    pub status: Status,
+}
+
+/// The VM's run state, shared by the commands that read and change it. Emits `STOP`,
+/// `RESUME` and `POWERDOWN` like QEMU.
+#[derive(Clone)]
+pub struct RunState {
+    status: Arc<Mutex<Status>>,
+    events: Events,
+}
+
+impl RunState {
+    /// A running VM that reports its changes through `events`.
+    pub fn new(events: Events) -> Self {
+        RunState { status: Arc::new(Mutex::new(Status::Running)), events }
+    }
+
+    /// The current state.
+    pub fn status(&self) -> Status {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pauses the guest; emits `STOP` if it was running (QEMU emits nothing otherwise).
+    pub fn stop(&self) {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if *status == Status::Running {
+            *status = Status::Paused;
+            drop(status);
+            self.events.emit("STOP", None);
+        }
+    }
+
+    /// Resumes the guest; emits `RESUME`.
+    pub fn cont(&self) -> Result<(), QmpError> {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        match *status {
+            Status::Shutdown => Err(QmpError::generic("Resetting the Virtual Machine is required")),
+            Status::Running => Ok(()),
+            Status::Paused => {
+                *status = Status::Running;
+                drop(status);
+                self.events.emit("RESUME", None);
+                Ok(())
+            }
+        }
+    }
+
+    /// Asks the guest to power down (ACPI button): emits `POWERDOWN`.
+    pub fn powerdown(&self) {
+        self.events.emit("POWERDOWN", None);
+    }
+
+    /// Registers `query-status`, `stop`, `cont` and `system_powerdown`.
+    pub fn register(&self, builder: &mut RegistryBuilder) -> Result<(), RegisterError> {
+        let state = self.clone();
+        builder.add(Command::sync("query-status", move |_: NoArgs| {
+            let status = state.status();
+            Ok(StatusInfo { running: status == Status::Running, status })
+        }))?;
+        let state = self.clone();
+        builder.add(Command::sync("stop", move |_: NoArgs| {
+            state.stop();
+            Ok(json!({}))
+        }))?;
+        let state = self.clone();
+        builder.add(Command::sync("cont", move |_: NoArgs| state.cont().map(|()| json!({}))))?;
+        let state = self.clone();
+        builder.add(Command::sync("system_powerdown", move |_: NoArgs| {
+            state.powerdown();
+            Ok(json!({}))
+        }))?;
+        Ok(())
+    }
+}
