@@ -58,12 +58,15 @@ pub(crate) async fn serve<T: Transport>(
                 } else {
                     decoder.decode(&mut input)
                 };
-                match frame {
-                    Some(frame) => session.on_frame(frame),
-                    None => {
-                        input_exhausted = true;
-                        break;
-                    }
+                let Some(frame) = frame else {
+                    input_exhausted = true;
+                    break;
+                };
+                session.on_frame(frame);
+                // Handlers that answered at once are answered before the next request, so
+                // immediate replies keep request order.
+                while let Ok(completion) = completions.try_recv() {
+                    session.on_completion(completion);
                 }
             }
             let mut progressed = false;

@@ -141,9 +141,9 @@ impl ServerBuilder {
     /// Builds the server. Call inside a tokio runtime if throttled events will be emitted
     /// from threads outside it.
     pub fn build(self) -> Server {
-        let events = self
-            .events
-            .unwrap_or_else(|| Events::with_throttles(self.config.event_queue, self.config.throttles.clone()));
+        let events = self.events.unwrap_or_else(|| {
+            Events::with_throttles(self.config.event_queue, self.config.throttles.clone())
+        });
         let client_slots = Arc::new(Semaphore::new(self.config.max_clients));
         Server {
             shared: Arc::new(Shared {
@@ -162,7 +162,11 @@ impl ServerBuilder {
 impl Server {
     /// Starts configuring a server for these commands.
     pub fn builder(registry: Registry) -> ServerBuilder {
-        ServerBuilder { registry, config: Config::default(), events: None }
+        ServerBuilder {
+            registry,
+            config: Config::default(),
+            events: None,
+        }
     }
 
     /// The handle to emit events with.

@@ -39,7 +39,10 @@ pub struct RunState {
 impl RunState {
     /// A running VM that reports its changes through `events`.
     pub fn new(events: Events) -> Self {
-        RunState { status: Arc::new(Mutex::new(Status::Running)), events }
+        RunState {
+            status: Arc::new(Mutex::new(Status::Running)),
+            events,
+        }
     }
 
     /// The current state.
@@ -61,7 +64,9 @@ impl RunState {
     pub fn cont(&self) -> Result<(), QmpError> {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         match *status {
-            Status::Shutdown => Err(QmpError::generic("Resetting the Virtual Machine is required")),
+            Status::Shutdown => Err(QmpError::generic(
+                "Resetting the Virtual Machine is required",
+            )),
             Status::Running => Ok(()),
             Status::Paused => {
                 *status = Status::Running;
@@ -82,7 +87,10 @@ impl RunState {
         let state = self.clone();
         builder.add(Command::sync("query-status", move |_: NoArgs| {
             let status = state.status();
-            Ok(StatusInfo { running: status == Status::Running, status })
+            Ok(StatusInfo {
+                running: status == Status::Running,
+                status,
+            })
         }))?;
         let state = self.clone();
         builder.add(Command::sync("stop", move |_: NoArgs| {
@@ -90,7 +98,9 @@ impl RunState {
             Ok(json!({}))
         }))?;
         let state = self.clone();
-        builder.add(Command::sync("cont", move |_: NoArgs| state.cont().map(|()| json!({}))))?;
+        builder.add(Command::sync("cont", move |_: NoArgs| {
+            state.cont().map(|()| json!({}))
+        }))?;
         let state = self.clone();
         builder.add(Command::sync("system_powerdown", move |_: NoArgs| {
             state.powerdown();

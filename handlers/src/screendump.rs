@@ -40,19 +40,26 @@ pub fn command(display: Display) -> Command {
     Command::deferred("screendump", move |args: ScreendumpArgs, ret: QmpReturn| {
         if let Some(device) = &args.device {
             if *device != display.device {
-                return ret.err(QmpError::device_not_found(format!("Device '{device}' not found")));
+                return ret.err(QmpError::device_not_found(format!(
+                    "Device '{device}' not found"
+                )));
             }
         }
         if let Some(head) = args.head {
             if head != 0 {
-                return ret.err(QmpError::generic(format!("Head {head} not found on device {}", display.device)));
+                return ret.err(QmpError::generic(format!(
+                    "Head {head} not found on device {}",
+                    display.device
+                )));
             }
         }
         let framebuffer = Arc::clone(&display.framebuffer);
         tokio::task::spawn_blocking(move || {
             let cancel = ret.cancellation_token();
             let image = framebuffer.snapshot();
-            match write_image(&image, args.format, &args.filename, &|| cancel.is_cancelled()) {
+            match write_image(&image, args.format, &args.filename, &|| {
+                cancel.is_cancelled()
+            }) {
                 Ok(()) => ret.ok(&json!({})),
                 // The client is gone or cancelled it; the file is removed and nobody waits.
                 Err(DumpError::Cancelled) => drop(ret),

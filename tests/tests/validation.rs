@@ -162,12 +162,12 @@ async fn ids_of_every_type_are_echoed_verbatim() {
         "1.0",
         "-0",
         "1e3",
+        "18446744073709551616",
         "null",
         "false",
         "[]",
         "{}",
         r#"{"b":1,"a":[1,null]}"#,
-        r#""\u00e9""#,
     ] {
         client
             .send(format!(r#"{{"execute":"echo","id":{id}}}"#))
@@ -175,6 +175,21 @@ async fn ids_of_every_type_are_echoed_verbatim() {
         let line = client.recv_line().await;
         let expected = format!("{{\"return\": {{}}, \"id\": {id}}}\r\n");
         assert_eq!(String::from_utf8(line).unwrap(), expected);
+    }
+    // Escapes inside strings are normalised; the id is the same JSON value.
+    for (sent, echoed) in [
+        (r#""\u00e9""#, "\"é\""),
+        (r#"'single'"#, r#""single""#),
+        (r#""a\/b""#, r#""a/b""#),
+    ] {
+        client
+            .send(format!(r#"{{"execute":"echo","id":{sent}}}"#))
+            .await;
+        let line = client.recv_line().await;
+        assert_eq!(
+            String::from_utf8(line).unwrap(),
+            format!("{{\"return\": {{}}, \"id\": {echoed}}}\r\n")
+        );
     }
 }
 

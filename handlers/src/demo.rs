@@ -1,0 +1,79 @@
+//! The `qmp-demo` VMM monitor: a QEMU-like command set on the dispatcher.
+
+use std::sync::Arc;
+
+use qmp_dispatcher::config::{DEFAULT_EVENT_QUEUE, qemu_throttles};
+use qmp_dispatcher::{Events, RegisterError, Registry, Server, VersionInfo};
+
+use crate::display::TestPattern;
+use crate::run_state::RunState;
+use crate::{misc, screendump};
+
+/// The display device id of the demo's framebuffer.
+pub const DISPLAY_DEVICE: &str = "video0";
+
+/// What the demo is configured with.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Commands an async client may have in flight.
+    pub max_in_flight: usize,
+    /// Clients at once, per server.
+    pub max_clients: usize,
+    /// Framebuffer size.
+    pub display_size: (u32, u32),
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            max_in_flight: qmp_dispatcher::config::DEFAULT_MAX_IN_FLIGHT,
+            max_clients: qmp_dispatcher::config::DEFAULT_MAX_CLIENTS,
+            display_size: (1920, 1080),
+        }
+    }
+}
+
+/// The demo VMM: its server and the state its commands change.
+pub struct Demo {
+    /// The QMP server; serve it on any number of listeners.
+    pub server: Server,
+    /// The VM's run state.
+    pub run_state: RunState,
+}
+
+/// Builds the demo: `query-status`, `stop`, `cont`, `system_powerdown`, `screendump`,
+/// `query-yank`, `x-delay` and `quit` (which calls `on_quit`), plus the dispatcher's
+/// built-ins.
+pub fn build(
+    options: &DemoOptions,
+    on_quit: impl Fn() + Send + Sync + 'static,
+) -> Result<Demo, RegisterError> {
+    let events = Events::with_throttles(DEFAULT_EVENT_QUEUE, qemu_throttles());
+    let run_state = RunState::new(events.clone());
+    let (width, height) = options.display_size;
+    let display = screendump::Display {
+        device: DISPLAY_DEVICE.to_string(),
+        framebuffer: Arc::new(TestPattern::new(width, height)),
+    };
+
+    let mut registry = Registry::builder();
+    run_state.register(&mut registry)?;
+    registry
+        .add(screendump::command(display))?
+        .add(misc::query_yank())?
+        .add(misc::x_delay())?
+        .add(misc::quit(on_quit))?;
+
+    let server = Server::builder(registry.build())
+        .version(VersionInfo::new(
+            10,
+            0,
+            0,
+            concat!("qmp-demo ", env!("CARGO_PKG_VERSION")),
+        ))
+        .max_in_flight(options.max_in_flight)
+        .max_clients(options.max_clients)
+        .events(events)
+        .build();
+    Ok(Demo { server, run_state })
+}
