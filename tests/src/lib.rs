@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: a server on a real Unix socket with test
 //! commands, and a raw QMP client that speaks bytes and checks lines.
 
+pub mod transcript;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
