@@ -1,0 +1,168 @@
+//! A minimal VMM monitor: a few commands served over QMP on a Unix socket.
+//!
+//! Run it with a socket path, then talk to it from another terminal:
+//!
+//! ```text
+//! cargo run -p qmp-dispatcher --example minimal_vmm -- /tmp/vmm.sock
+//! qmp-shell /tmp/vmm.sock                     # pip install qemu.qmp
+//! (QEMU) query-status
+//! (QEMU) stop
+//! (QEMU) screendump filename=/tmp/screen.ppm
+//! ```
+//!
+//! Or speak raw QMP: `socat - UNIX-CONNECT:/tmp/vmm.sock`, then type
+//! `{"execute": "qmp_capabilities", "arguments": {"enable": ["async"]}}` followed by requests
+//! that each carry an `id`. Ctrl-C stops the server. `RUST_LOG=qmp_dispatcher=debug` shows
+//! the dispatcher's logs.
+//!
+//! Commands:
+//! - `query-status`: synchronous; returns `{"running", "status"}`.
+//! - `stop` / `cont`: synchronous; change the state and emit `STOP` / `RESUME`.
+//! - `x-sleep {"seconds": N}`: an `async fn`; cancelling it drops the future.
+//! - `screendump {"filename": F}`: deferred to a blocking thread that writes the file in steps,
+//!   watches for cancellation between steps and removes the partial file if cancelled.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use qmp_dispatcher::{Command, Events, NoArgs, QmpError, QmpReturn, Registry, Server, bind_unix};
+use serde::{Deserialize, Serialize};
+
+/// QEMU's result for commands that return nothing: `{}` (a `()` result would be `null`).
+#[derive(Serialize)]
+struct Empty {}
+
+#[derive(Serialize)]
+struct StatusInfo {
+    running: bool,
+    status: &'static str,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct SleepArgs {
+    seconds: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct ScreendumpArgs {
+    filename: PathBuf,
+}
+
+/// The VM state the commands act on.
+#[derive(Default)]
+struct Vm {
+    running: AtomicBool,
+    /// Set once the server exists; handlers emit events through it.
+    events: OnceLock<Events>,
+}
+
+impl Vm {
+    fn set_running(&self, running: bool) {
+        self.running.store(running, Ordering::SeqCst);
+        if let Some(events) = self.events.get() {
+            events.emit(if running { "RESUME" } else { "STOP" }, None);
+        }
+    }
+}
+
+fn registry(vm: &Arc<Vm>) -> Registry {
+    let mut builder = Registry::builder();
+    let status_vm = Arc::clone(vm);
+    let stop_vm = Arc::clone(vm);
+    let cont_vm = Arc::clone(vm);
+    builder
+        .add(Command::sync("query-status", move |_: NoArgs| {
+            let running = status_vm.running.load(Ordering::SeqCst);
+            let status = if running { "running" } else { "paused" };
+            Ok(StatusInfo { running, status })
+        }))
+        .and_then(|b| {
+            b.add(Command::sync("stop", move |_: NoArgs| {
+                stop_vm.set_running(false);
+                Ok(Empty {})
+            }))
+        })
+        .and_then(|b| {
+            b.add(Command::sync("cont", move |_: NoArgs| {
+                cont_vm.set_running(true);
+                Ok(Empty {})
+            }))
+        })
+        .and_then(|b| {
+            b.add(Command::async_fn("x-sleep", |args: SleepArgs| async move {
+                tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+                Ok(Empty {})
+            }))
+        })
+        .and_then(|b| b.add(Command::deferred("screendump", screendump)))
+        .expect("command names are unique");
+    builder.build()
+}
+
+/// Validates at once (a failure to start is an immediate error reply), then writes the file
+/// on a blocking thread and answers from there.
+fn screendump(args: ScreendumpArgs, ret: QmpReturn) {
+    let file = match std::fs::File::create(&args.filename) {
+        Ok(file) => file,
+        Err(e) => {
+            let desc = format!("Could not open '{}': {e}", args.filename.display());
+            return ret.err(QmpError::generic(desc));
+        }
+    };
+    let cancel = ret.cancellation_token();
+    std::thread::spawn(move || {
+        let (width, height) = (64usize, 48usize);
+        let mut out = std::io::BufWriter::new(file);
+        let mut result = write!(out, "P6\n{width} {height}\n255\n");
+        for row in 0..height {
+            // A slow device: one row every 50 ms, checking for cancellation between rows.
+            std::thread::sleep(Duration::from_millis(50));
+            if cancel.is_cancelled() {
+                drop(out);
+                let _ = std::fs::remove_file(&args.filename);
+                return; // The client has its reply already; a reply now would be discarded.
+            }
+            let shade = (row * 255 / height) as u8;
+            result = result.and_then(|()| out.write_all(&[shade, 0, 255 - shade].repeat(width)));
+        }
+        match result.and_then(|()| out.flush()) {
+            Ok(()) => ret.ok(&Empty {}),
+            Err(e) => ret.err(QmpError::generic(format!("Write failed: {e}"))),
+        }
+    });
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
+    let Some(path) = std::env::args_os().nth(1).map(PathBuf::from) else {
+        eprintln!("usage: minimal_vmm SOCKET_PATH");
+        std::process::exit(2);
+    };
+
+    let vm = Arc::new(Vm::default());
+    vm.running.store(true, Ordering::SeqCst);
+    let server = Server::builder(registry(&vm)).build();
+    let _ = vm.events.set(server.events().clone());
+
+    let listener = bind_unix(&path, 0o600)?;
+    eprintln!("QMP on {}; Ctrl-C to stop", path.display());
+    let accept = tokio::spawn({
+        let server = server.clone();
+        async move { server.serve_unix(listener).await }
+    });
+
+    tokio::signal::ctrl_c().await?;
+    server.shutdown();
+    server.wait().await;
+    accept.await.expect("accept task")?;
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
