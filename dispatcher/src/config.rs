@@ -40,6 +40,22 @@ impl VersionInfo {
     }
 }
 
+impl VersionInfo {
+    /// The version as QEMU writes it, member order and spacing included:
+    /// `{"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "..."}`.
+    pub fn to_qemu_json(&self) -> String {
+        let VersionTriple {
+            major,
+            minor,
+            micro,
+        } = self.qemu;
+        let package = serde_json::to_string(&self.package).unwrap_or_else(|_| "\"\"".into());
+        format!(
+            r#"{{"qemu": {{"micro": {micro}, "minor": {minor}, "major": {major}}}, "package": {package}}}"#
+        )
+    }
+}
+
 impl Default for VersionInfo {
     fn default() -> Self {
         VersionInfo::new(

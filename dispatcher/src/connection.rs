@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::session::{Session, Shared};
@@ -39,15 +39,23 @@ pub(crate) async fn serve<T: Transport>(
     client: u64,
 ) -> End {
     let (mut reader, mut writer) = transport.split();
-    let (completions_tx, mut completions) = mpsc::unbounded_channel();
+    let (outbox_tx, mut outbox) = mpsc::unbounded_channel();
     let cancel = shutdown.child_token();
-    let mut session = Session::new(Arc::clone(&shared), client, completions_tx, cancel.clone());
-    let mut events: Option<broadcast::Receiver<bytes::Bytes>> = session.new_subscription.take();
+    let mut session = Session::new(Arc::clone(&shared), client, outbox_tx, cancel.clone());
+    // Pinned once: a fresh `cancelled()` per loop turn would register with the token anew.
+    let stopping = cancel.cancelled();
+    tokio::pin!(stopping);
     let mut input = BytesMut::with_capacity(8192);
     let mut eof = false;
     let config = &shared.config;
 
+    // Whether the last turn waited with reading suspended (a legacy command running, the
+    // in-flight cap reached): if so the client may have left meanwhile.
+    let mut was_suspended = false;
     let end = loop {
+        if was_suspended && !eof && !input.is_empty() && T::has_departed(&reader) {
+            break End::Departed;
+        }
         // Take every request the session lets us take, and every completion that is ready,
         // until neither makes progress; then write in one go.
         let mut input_exhausted = false;
@@ -65,32 +73,30 @@ pub(crate) async fn serve<T: Transport>(
                 session.on_frame(frame);
                 // Handlers that answered at once are answered before the next request, so
                 // immediate replies keep request order.
-                while let Ok(completion) = completions.try_recv() {
-                    session.on_completion(completion);
+                while let Ok(message) = outbox.try_recv() {
+                    session.on_outgoing(message);
                 }
             }
             let mut progressed = false;
-            while let Ok(completion) = completions.try_recv() {
-                session.on_completion(completion);
+            while let Ok(message) = outbox.try_recv() {
+                session.on_outgoing(message);
                 progressed = true;
             }
             if !progressed {
                 break;
             }
         }
-        if events.is_none() {
-            events = session.new_subscription.take();
-        }
-        if session.out.len() > config.max_pending_output {
+        if session.lagged || session.out.len() > config.max_pending_output {
             break End::TooSlow;
         }
         if eof && input_exhausted && !session.has_pending() && session.out.is_empty() {
             break End::Finished;
         }
 
+        was_suspended = !session.can_read();
         tokio::select! {
             biased;
-            () = shutdown.cancelled() => break End::Shutdown,
+            () = &mut stopping => break End::Shutdown,
             written = writer.write(&session.out), if !session.out.is_empty() => match written {
                 Ok(0) | Err(_) => break End::Departed,
                 Ok(n) => {
@@ -100,15 +106,7 @@ pub(crate) async fn serve<T: Transport>(
                     }
                 }
             },
-            Some(completion) = completions.recv() => session.on_completion(completion),
-            event = recv_event(&mut events) => match event {
-                Ok(line) => session.out.extend_from_slice(&line),
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::warn!(client, missed, "client fell behind on events");
-                    break End::TooSlow;
-                }
-                Err(broadcast::error::RecvError::Closed) => events = None,
-            },
+            Some(message) = outbox.recv() => session.on_outgoing(message),
             // While reading is suspended (or after EOF) the input is only watched for the
             // client leaving, so its commands are cancelled without waiting for them.
             read = read_or_watch::<T>(&mut reader, &mut input, eof || !session.can_read()) => match read {
@@ -121,8 +119,8 @@ pub(crate) async fn serve<T: Transport>(
 
     if end == End::Shutdown {
         // Say goodbye properly: replies already produced (`quit`'s among them) still go out.
-        while let Ok(completion) = completions.try_recv() {
-            session.on_completion(completion);
+        while let Ok(message) = outbox.try_recv() {
+            session.on_outgoing(message);
         }
         let flush = writer.write_all(&session.out);
         let _ = tokio::time::timeout(SHUTDOWN_FLUSH, flush).await;
@@ -162,14 +160,5 @@ async fn read_or_watch<T: Transport>(
         Ok(0) => Input::Eof,
         Ok(_) => Input::Data,
         Err(_) => Input::Departed,
-    }
-}
-
-async fn recv_event(
-    events: &mut Option<broadcast::Receiver<bytes::Bytes>>,
-) -> Result<bytes::Bytes, broadcast::error::RecvError> {
-    match events {
-        Some(receiver) => receiver.recv().await,
-        None => std::future::pending().await,
     }
 }

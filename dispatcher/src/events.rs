@@ -5,11 +5,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::broadcast;
+use slab::Slab;
+use tokio::sync::mpsc::UnboundedSender;
 
+use crate::qmp_return::Outgoing;
 use crate::wire::{LineEnding, encode};
 
 /// How one event name is rate-limited.
@@ -28,12 +32,50 @@ type ThrottleSlot = (String, Option<String>);
 /// A handle to emit events; cheap to clone, usable from any thread.
 #[derive(Clone)]
 pub struct Events {
-    tx: broadcast::Sender<Bytes>,
+    hub: Arc<Hub>,
     throttles: Arc<HashMap<String, Throttle>>,
     /// One slot per throttled (name, key) whose timer is running: the event to send when it
     /// fires, if a newer one arrived meanwhile (only the last survives, as in QEMU).
     pending: Arc<Mutex<HashMap<ThrottleSlot, Option<Bytes>>>>,
     runtime: Option<tokio::runtime::Handle>,
+}
+
+/// The negotiated clients events go to. Each event is pushed into every client's outbox, the
+/// same FIFO its replies travel through.
+struct Hub {
+    subscribers: Mutex<Slab<Subscriber>>,
+    /// Events one client may have queued before it counts as lagging.
+    capacity: usize,
+}
+
+struct Subscriber {
+    outbox: UnboundedSender<Outgoing>,
+    queued: Arc<AtomicUsize>,
+    lagged: Arc<AtomicBool>,
+}
+
+/// A client's registration for events; unregisters on drop.
+pub(crate) struct Subscription {
+    hub: Arc<Hub>,
+    key: usize,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Subscription {
+    /// The connection wrote one event out of its outbox.
+    pub(crate) fn delivered(&self) {
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.key);
+    }
 }
 
 impl Events {
@@ -47,17 +89,37 @@ impl Events {
     /// Like [`new`](Self::new), with rate limits by event name
     /// ([`crate::config::qemu_throttles`] has QEMU's).
     pub fn with_throttles(capacity: usize, throttles: HashMap<String, Throttle>) -> Self {
-        let (tx, _) = broadcast::channel(capacity.max(1));
+        let hub = Hub {
+            subscribers: Mutex::new(Slab::new()),
+            capacity: capacity.max(1),
+        };
         Events {
-            tx,
+            hub: Arc::new(hub),
             throttles: Arc::new(throttles),
             pending: Arc::default(),
             runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Bytes> {
-        self.tx.subscribe()
+    /// Registers a client's outbox for every event from now on (no replay).
+    pub(crate) fn subscribe(&self, outbox: UnboundedSender<Outgoing>) -> Subscription {
+        let queued = Arc::new(AtomicUsize::new(0));
+        let subscriber = Subscriber {
+            outbox,
+            queued: Arc::clone(&queued),
+            lagged: Arc::new(AtomicBool::new(false)),
+        };
+        let key = self
+            .hub
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(subscriber);
+        Subscription {
+            hub: Arc::clone(&self.hub),
+            key,
+            queued,
+        }
     }
 
     /// Emits `{"timestamp": ..., "event": name, "data": data}` to every client that has
@@ -86,12 +148,31 @@ impl Events {
 
     /// The number of clients currently receiving events.
     pub fn receivers(&self) -> usize {
-        self.tx.receiver_count()
+        self.hub
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     fn send(&self, line: Bytes) {
-        // No receiver is not an error: nobody is listening yet.
-        let _ = self.tx.send(line);
+        let subscribers = self
+            .hub
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (_, subscriber) in subscribers.iter() {
+            if subscriber.queued.fetch_add(1, Ordering::Relaxed) >= self.hub.capacity {
+                subscriber.queued.fetch_sub(1, Ordering::Relaxed);
+                // Tell the connection once; it disconnects the client rather than hand it an
+                // event stream with holes.
+                if !subscriber.lagged.swap(true, Ordering::Relaxed) {
+                    let _ = subscriber.outbox.send(Outgoing::Lagged);
+                }
+                continue;
+            }
+            let _ = subscriber.outbox.send(Outgoing::Event(line.clone()));
+        }
     }
 
     fn emit_throttled(&self, name: &str, throttle: &Throttle, data: Option<&Value>, line: Bytes) {
@@ -150,8 +231,11 @@ impl std::fmt::Debug for Events {
 mod tests {
     use super::*;
 
-    fn event_name(line: &Bytes) -> (String, Value) {
-        let v: Value = serde_json::from_slice(line).unwrap();
+    fn event_name(message: Outgoing) -> (String, Value) {
+        let Outgoing::Event(line) = message else {
+            panic!("not an event: {message:?}")
+        };
+        let v: Value = serde_json::from_slice(&line).unwrap();
         (v["event"].as_str().unwrap().to_string(), v["data"].clone())
     }
 
@@ -166,19 +250,20 @@ mod tests {
             },
         );
         let events = Events::with_throttles(16, throttles);
-        let mut rx = events.subscribe();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let _subscription = events.subscribe(tx);
         for offset in 0..5 {
             events.emit("RTC_CHANGE", Some(serde_json::json!({"offset": offset})));
         }
         events.emit("STOP", None);
-        assert_eq!(event_name(&rx.recv().await.unwrap()).1["offset"], 0);
-        assert_eq!(event_name(&rx.recv().await.unwrap()).0, "STOP");
+        assert_eq!(event_name(rx.recv().await.unwrap()).1["offset"], 0);
+        assert_eq!(event_name(rx.recv().await.unwrap()).0, "STOP");
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        assert_eq!(event_name(&rx.recv().await.unwrap()).1["offset"], 4);
+        assert_eq!(event_name(rx.recv().await.unwrap()).1["offset"], 4);
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(rx.try_recv().is_err());
         // After the quiet period the next event goes out at once.
         events.emit("RTC_CHANGE", Some(serde_json::json!({"offset": 9})));
-        assert_eq!(event_name(&rx.recv().await.unwrap()).1["offset"], 9);
+        assert_eq!(event_name(rx.recv().await.unwrap()).1["offset"], 9);
     }
 }

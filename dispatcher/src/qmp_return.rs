@@ -18,6 +18,18 @@ pub(crate) struct Ticket {
     pub(crate) seq: u64,
 }
 
+/// Everything that reaches a connection from outside its task, in one FIFO, so an event a
+/// handler emits before replying is written before the reply.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// A handler's reply.
+    Completion(Completion),
+    /// An encoded event line.
+    Event(bytes::Bytes),
+    /// Events were lost because the client fell too far behind.
+    Lagged,
+}
+
 /// What a handler produced for one request, on its way to the connection's writer.
 #[derive(Debug)]
 pub(crate) struct Completion {
@@ -57,13 +69,13 @@ pub struct QmpReturn {
 
 #[derive(Debug)]
 struct Sink {
-    tx: UnboundedSender<Completion>,
+    tx: UnboundedSender<Outgoing>,
     ticket: Ticket,
 }
 
 impl QmpReturn {
     pub(crate) fn new(
-        tx: UnboundedSender<Completion>,
+        tx: UnboundedSender<Outgoing>,
         ticket: Ticket,
         command: Arc<str>,
         cancel: CancellationToken,
@@ -108,7 +120,13 @@ impl QmpReturn {
                 value,
                 prefix: Some(prefix),
             }),
-            Err(e) => self.err(QmpError::generic(e.to_string())),
+            Err(e) => {
+                let desc = format!(
+                    "Command {} produced an unserializable reply: {e}",
+                    self.command
+                );
+                self.err(QmpError::generic(desc));
+            }
         }
     }
 
@@ -117,10 +135,19 @@ impl QmpReturn {
         self.send(Outcome::Error(error));
     }
 
-    /// Replies with the handler's result.
+    /// Replies with the handler's result. A result that serializes to `null` (a handler
+    /// returning `()`) becomes `{}`, as QEMU answers commands without a return value.
     pub fn reply<T: Serialize>(self, result: Result<T, QmpError>) {
-        match result {
-            Ok(value) => self.ok(&value),
+        match result.map(|value| serde_json::value::to_raw_value(&value)) {
+            Ok(Ok(raw)) if raw.get() == "null" => self.ok_raw(empty_object()),
+            Ok(Ok(raw)) => self.ok_raw(raw),
+            Ok(Err(e)) => {
+                let desc = format!(
+                    "Command {} produced an unserializable reply: {e}",
+                    self.command
+                );
+                self.err(QmpError::generic(desc));
+            }
             Err(error) => self.err(error),
         }
     }
@@ -154,12 +181,16 @@ impl QmpReturn {
     fn send(&mut self, outcome: Outcome) {
         if let Some(sink) = self.sink.take() {
             // The connection may be gone; then the reply has nobody to go to, by design.
-            let _ = sink.tx.send(Completion {
+            let _ = sink.tx.send(Outgoing::Completion(Completion {
                 ticket: sink.ticket,
                 outcome,
-            });
+            }));
         }
     }
+}
+
+fn empty_object() -> Box<RawValue> {
+    RawValue::from_string("{}".to_string()).expect("{} is JSON")
 }
 
 impl Drop for QmpReturn {

@@ -145,12 +145,16 @@ impl ServerBuilder {
             Events::with_throttles(self.config.event_queue, self.config.throttles.clone())
         });
         let client_slots = Arc::new(Semaphore::new(self.config.max_clients));
+        let version_json =
+            serde_json::value::RawValue::from_string(self.config.version.to_qemu_json())
+                .expect("the version text is JSON");
         Server {
             shared: Arc::new(Shared {
                 registry: Arc::new(self.registry),
                 config: self.config,
                 events,
                 counters: Counters::default(),
+                version_json,
             }),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),

@@ -9,17 +9,17 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, LEGACY_QUEUE_LEN};
 use crate::error::QmpError;
-use crate::events::Events;
+use crate::events::{Events, Subscription};
 use crate::in_flight::{InFlight, NewEntry};
-use crate::qmp_return::{Completion, Outcome, QmpReturn, Ticket};
+use crate::qmp_return::{Completion, Outcome, Outgoing, QmpReturn, Ticket};
 use crate::registry::{Builtin, Kind, Registry};
 use crate::wire::request::{self, Request, RequestError};
 use crate::wire::{Frame, encode};
@@ -30,6 +30,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) events: Events,
     pub(crate) counters: Counters,
+    /// `query-version`'s reply, written once in QEMU's member order.
+    pub(crate) version_json: Box<RawValue>,
 }
 
 /// Live totals across a server's connections, for [`crate::Stats`].
@@ -64,18 +66,21 @@ pub(crate) struct Session {
     running: Option<Ticket>,
     /// Encoded output not yet written to the socket.
     pub(crate) out: BytesMut,
-    completions: mpsc::UnboundedSender<Completion>,
+    /// The connection's outbox: handlers' replies and events arrive through it, in order.
+    outbox: mpsc::UnboundedSender<Outgoing>,
     /// The connection's token; every in-flight command holds a child of it.
     cancel: CancellationToken,
-    /// Set at negotiation; the connection takes it to start receiving events.
-    pub(crate) new_subscription: Option<broadcast::Receiver<Bytes>>,
+    /// Events flow into the outbox while this is held: from negotiation to disconnect.
+    events: Option<Subscription>,
+    /// Events were lost because this client fell behind; the connection ends.
+    pub(crate) lagged: bool,
 }
 
 impl Session {
     pub(crate) fn new(
         shared: Arc<Shared>,
         client: u64,
-        completions: mpsc::UnboundedSender<Completion>,
+        outbox: mpsc::UnboundedSender<Outgoing>,
         cancel: CancellationToken,
     ) -> Self {
         let dialect = shared.config.dialect;
@@ -88,16 +93,17 @@ impl Session {
             backlog: VecDeque::new(),
             running: None,
             out: BytesMut::with_capacity(4096),
-            completions,
+            outbox,
             cancel,
-            new_subscription: None,
+            events: None,
+            lagged: false,
             shared,
         };
         if dialect.greeting {
             session.write_greeting();
         }
         if dialect.events && session.negotiated {
-            session.new_subscription = Some(session.shared.events.subscribe());
+            session.events = Some(session.shared.events.subscribe(session.outbox.clone()));
         }
         session
     }
@@ -109,8 +115,12 @@ impl Session {
         if self.out.len() >= self.shared.config.output_high_water {
             return false;
         }
+        if self.in_flight.len() >= self.shared.config.max_in_flight {
+            // Also bounds deferred exec-oob commands of legacy clients.
+            return false;
+        }
         if self.async_mode {
-            self.in_flight.len() < self.shared.config.max_in_flight
+            true
         } else if self.oob {
             self.backlog.len() < LEGACY_QUEUE_LEN
         } else {
@@ -149,8 +159,22 @@ impl Session {
         self.pump();
     }
 
+    /// Handles whatever arrived in the outbox.
+    pub(crate) fn on_outgoing(&mut self, message: Outgoing) {
+        match message {
+            Outgoing::Completion(completion) => self.on_completion(completion),
+            Outgoing::Event(line) => {
+                if let Some(subscription) = &self.events {
+                    subscription.delivered();
+                    self.out.extend_from_slice(&line);
+                }
+            }
+            Outgoing::Lagged => self.lagged = true,
+        }
+    }
+
     /// Handles a handler's reply.
-    pub(crate) fn on_completion(&mut self, completion: Completion) {
+    fn on_completion(&mut self, completion: Completion) {
         let Some(entry) = self.in_flight.take(completion.ticket) else {
             return; // Cancelled: the reply has nobody to go to.
         };
@@ -187,6 +211,7 @@ impl Session {
             .fetch_sub(cancelled, Ordering::Relaxed);
         self.backlog.clear();
         self.running = None;
+        self.events = None;
         if cancelled > 0 {
             tracing::debug!(
                 client = self.client,
@@ -283,7 +308,7 @@ impl Session {
         });
         shared.counters.in_flight.fetch_add(1, Ordering::Relaxed);
         let ret = QmpReturn::new(
-            self.completions.clone(),
+            self.outbox.clone(),
             ticket,
             Arc::clone(&command.name),
             cancel,
@@ -324,12 +349,12 @@ impl Session {
         &mut self,
         builtin: Builtin,
         arguments: Map<String, Value>,
-    ) -> Result<Value, QmpError> {
-        match builtin {
+    ) -> Result<Box<RawValue>, QmpError> {
+        let value = match builtin {
             Builtin::QmpCapabilities => self.negotiate(arguments),
             Builtin::QueryVersion => {
                 crate::args::decode::<crate::args::NoArgs>(arguments)?;
-                Ok(serde_json::to_value(&self.shared.config.version).unwrap_or(Value::Null))
+                return Ok(self.shared.version_json.clone());
             }
             Builtin::QueryCommands => {
                 crate::args::decode::<crate::args::NoArgs>(arguments)?;
@@ -350,7 +375,8 @@ impl Session {
                 ))
             }
             Builtin::AsyncCommandCancel => self.cancel_by_id(arguments),
-        }
+        }?;
+        Ok(serde_json::value::to_raw_value(&value).expect("a Value always serializes"))
     }
 
     fn negotiate(&mut self, arguments: Map<String, Value>) -> Result<Value, QmpError> {
@@ -408,7 +434,7 @@ impl Session {
         self.async_mode = wanted.contains(&"async");
         self.negotiated = true;
         if config.dialect.events {
-            self.new_subscription = Some(self.shared.events.subscribe());
+            self.events = Some(self.shared.events.subscribe(self.outbox.clone()));
         }
         tracing::debug!(
             client = self.client,
@@ -458,11 +484,9 @@ impl Session {
         Ok(Value::Object(Map::new()))
     }
 
-    fn write_result(&mut self, id: Option<&RawValue>, result: Result<Value, QmpError>) {
+    fn write_result(&mut self, id: Option<&RawValue>, result: Result<Box<RawValue>, QmpError>) {
         match result {
-            Ok(value) => {
-                let raw =
-                    serde_json::value::to_raw_value(&value).expect("a Value always serializes");
+            Ok(raw) => {
                 encode::success(
                     &mut self.out,
                     &raw,
@@ -487,15 +511,17 @@ impl Session {
         let config = &self.shared.config;
         let mut capabilities = Vec::new();
         if config.offer_oob {
-            capabilities.push("oob");
+            capabilities.push("\"oob\"");
         }
         if config.offer_async {
-            capabilities.push("async");
+            capabilities.push("\"async\"");
         }
-        let greeting = serde_json::json!({
-            "QMP": { "version": config.version, "capabilities": capabilities }
-        });
-        encode::put_json(&mut self.out, &greeting);
+        let greeting = format!(
+            r#"{{"QMP": {{"version": {}, "capabilities": [{}]}}}}"#,
+            config.version.to_qemu_json(),
+            capabilities.join(", ")
+        );
+        self.out.extend_from_slice(greeting.as_bytes());
         self.out
             .extend_from_slice(config.dialect.line_ending.as_bytes());
     }

@@ -23,6 +23,15 @@ pub trait Transport: Send + 'static {
         let _ = reader;
         std::future::pending()
     }
+
+    /// Whether the client has closed the connection entirely, asked of the kernel now.
+    /// Checked before a suspended connection resumes, so a request that waited behind a
+    /// running command is not started for a client that has left. False where the
+    /// transport cannot tell.
+    fn has_departed(reader: &Self::Reader) -> bool {
+        let _ = reader;
+        false
+    }
 }
 
 /// How often a half-open Unix socket is checked for a full close.
@@ -50,6 +59,21 @@ impl Transport for UnixStream {
             }
         }
     }
+
+    fn has_departed(reader: &Self::Reader) -> bool {
+        use std::os::fd::AsFd;
+        hung_up(reader.as_ref().as_fd())
+    }
+}
+
+/// True if the socket reports a hang-up: its peer closed both directions.
+fn hung_up(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(fd, PollFlags::empty())];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1))
+        && fds[0]
+            .revents()
+            .is_some_and(|events| events.contains(PollFlags::POLLHUP))
 }
 
 impl Transport for TcpStream {
