@@ -1,0 +1,537 @@
+//! Decoder tests: byte-level framing, QEMU error texts and recovery, limits, raw ids,
+//! and replay of recorded QEMU transcripts.
+
+use bytes::BytesMut;
+use serde_json::{Value, json};
+
+use super::{Frame, JsonDecoder, Limits};
+
+/// A frame reduced to something comparable: `V:<value as JSON>` or `E:<desc>`.
+fn show(f: Frame) -> String {
+    match f {
+        Frame::Value(v) => format!("V:{}", v.value),
+        Frame::Error(e) => format!("E:{e}"),
+    }
+}
+
+fn drain(dec: &mut JsonDecoder, buf: &mut BytesMut, out: &mut Vec<String>) {
+    while let Some(f) = dec.decode(buf) {
+        out.push(show(f));
+    }
+}
+
+/// Frames for `input` fed in one piece, checking that byte-at-a-time feeding and a few
+/// irregular splits give the same frames.
+fn run_with(input: &[u8], limits: Limits) -> Vec<String> {
+    let mut reference = None;
+    for chunk in [usize::MAX, 1, 2, 3, 7] {
+        let mut dec = JsonDecoder::new(limits);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let step = chunk.min(input.len().max(1));
+        for piece in input.chunks(step) {
+            buf.extend_from_slice(piece);
+            drain(&mut dec, &mut buf, &mut out);
+        }
+        match &reference {
+            None => reference = Some(out),
+            Some(r) => assert_eq!(r, &out, "split {chunk} differs for {input:?}"),
+        }
+    }
+    reference.unwrap_or_default()
+}
+
+fn run(input: &[u8]) -> Vec<String> {
+    run_with(input, Limits::default())
+}
+
+fn e(desc: &str) -> String {
+    format!("E:JSON parse error, {desc}")
+}
+
+fn v(value: Value) -> String {
+    format!("V:{value}")
+}
+
+#[test]
+fn simple_values_and_concatenation() {
+    assert_eq!(
+        run(br#"{"execute":"a"}{"execute":"b"}  [1, 2.5, "x"]"#),
+        vec![
+            v(json!({"execute":"a"})),
+            v(json!({"execute":"b"})),
+            v(json!([1, 2.5, "x"]))
+        ]
+    );
+    assert_eq!(
+        run(b"{\"a\":\r\n\t{\"b\":[true,false,null]}}"),
+        vec![v(json!({"a":{"b":[true,false,null]}}))]
+    );
+    assert_eq!(run(br#""str""#), vec![v(json!("str"))]);
+}
+
+#[test]
+fn whitespace_only_gives_nothing() {
+    let mut dec = JsonDecoder::default();
+    let mut buf = BytesMut::from(&b"   \r\n\t\n \r\n"[..]);
+    assert!(dec.decode(&mut buf).is_none());
+    assert!(dec.is_idle());
+    assert!(dec.decode_eof(&mut buf).is_none());
+}
+
+#[test]
+fn lookahead_scalars() {
+    let mut dec = JsonDecoder::default();
+    let mut buf = BytesMut::from(&b"42"[..]);
+    assert!(dec.decode(&mut buf).is_none());
+    assert!(!dec.is_idle());
+    buf.extend_from_slice(b"\n");
+    assert_eq!(show(dec.decode(&mut buf).unwrap()), v(json!(42)));
+    assert!(dec.decode(&mut buf).is_none());
+    assert!(dec.is_idle());
+
+    buf.extend_from_slice(b"null");
+    assert!(dec.decode(&mut buf).is_none());
+    assert_eq!(show(dec.decode_eof(&mut buf).unwrap()), v(json!(null)));
+    assert!(dec.decode_eof(&mut buf).is_none());
+
+    // The lookahead byte is not consumed by the scalar's frame.
+    let mut buf = BytesMut::from(&b"7{\"a\":1}"[..]);
+    assert_eq!(show(dec.decode(&mut buf).unwrap()), v(json!(7)));
+    assert_eq!(&buf[..], b"{\"a\":1}");
+    assert_eq!(show(dec.decode(&mut buf).unwrap()), v(json!({"a":1})));
+
+    // `123` then 0xFF: the number, then the stray byte.
+    assert_eq!(run(b"123\xff"), vec![v(json!(123)), e("stray '\u{FFFD}'")]);
+    assert_eq!(
+        run(b"1.5e3 -0 0 -1.0E+2 "),
+        vec![v(json!(1500.0)), v(json!(0)), v(json!(0)), v(json!(-100.0))]
+    );
+}
+
+#[test]
+fn decode_leaves_following_bytes() {
+    let mut dec = JsonDecoder::default();
+    let mut buf = BytesMut::from(&br#"{"a":1} {"b":2}@@"#[..]);
+    assert_eq!(show(dec.decode(&mut buf).unwrap()), v(json!({"a":1})));
+    assert_eq!(&buf[..], br#" {"b":2}@@"#);
+    assert_eq!(show(dec.decode(&mut buf).unwrap()), v(json!({"b":2})));
+    assert_eq!(&buf[..], b"@@");
+    assert_eq!(show(dec.decode(&mut buf).unwrap()), e("stray '@'"));
+    assert_eq!(&buf[..], b"@");
+}
+
+#[test]
+fn eof_drops_partial_values() {
+    for partial in [&b"{\"a\":1"[..], b"[1,", b"\"abc", b"1.", b"{\"a\":12"] {
+        let mut dec = JsonDecoder::default();
+        let mut buf = BytesMut::from(partial);
+        assert!(dec.decode_eof(&mut buf).is_none(), "{partial:?}");
+        assert!(dec.is_idle());
+        assert!(buf.is_empty());
+    }
+    let mut dec = JsonDecoder::default();
+    let mut buf = BytesMut::from(&b"nul"[..]);
+    assert_eq!(
+        show(dec.decode_eof(&mut buf).unwrap()),
+        e("invalid keyword 'nul'")
+    );
+}
+
+#[test]
+fn grammar_errors() {
+    let cases: &[(&[u8], &[&str])] = &[
+        (b"{ \"execute\": }", &["expecting value"]),
+        (b"{]", &["expecting value"]),
+        (b"{\"a\":1,}", &["expecting value"]),
+        (b"[1,]", &["expecting value"]),
+        (b"}", &["expecting value"]),
+        (b"]", &["expecting value"]),
+        (b"[}]", &["expecting value", "expecting value"]),
+        (b"{,}", &["expecting value"]),
+        (b"{\"execute\" \"x\"}", &["missing : in object pair"]),
+        (b"{\"a\"}", &["missing : in object pair"]),
+        (b"{\"a\":1 \"b\":2}", &["expected separator in dict"]),
+        (b"{\"a\":1]", &["expected separator in dict"]),
+        (b"[1 2]", &["expected separator in list"]),
+        (b"{1:2}", &["key is not a string in object"]),
+        (b"{{}:2}", &["key is not a string in object"]),
+        (b"{[1 2]:2}", &["expected separator in list"]),
+        (b"{\"a\":1,\"a\":2}", &["duplicate key"]),
+        (b"{\"a\":{\"b\":1,\"b\":[]}}", &["duplicate key"]),
+        (b"{\"a\":1,\"a\":[1 2]}", &["expected separator in list"]),
+        (b"nul ", &["invalid keyword 'nul'"]),
+        (b"[truee]", &["invalid keyword 'truee'"]),
+    ];
+    for (input, errs) in cases {
+        let mut input = input.to_vec();
+        input.extend_from_slice(b"\n{\"probe\":1}");
+        let mut want: Vec<String> = errs.iter().map(|d| e(d)).collect();
+        want.push(v(json!({"probe":1})));
+        assert_eq!(run(&input), want, "{}", String::from_utf8_lossy(&input));
+    }
+    assert_eq!(
+        run(br#"{"a":1}}"#),
+        vec![v(json!({"a":1})), e("expecting value")]
+    );
+}
+
+#[test]
+fn lexical_errors_and_recovery() {
+    let cases: &[(&[u8], &[&str])] = &[
+        (b"{\xff", &["stray '\u{FFFD}'"]),
+        (b"\xff\n", &["stray '\u{FFFD}'"]),
+        (b"\xfe\n", &["stray '\u{FFFD}'"]),
+        (
+            b"\xff\xff\xff",
+            &["stray '\u{FFFD}'", "stray '\u{FFFD}'", "stray '\u{FFFD}'"],
+        ),
+        (b"{\x01", &["stray '\u{1}'"]),
+        (b"\x1b", &["stray '\u{1b}'"]),
+        (b"\x00\n", &["stray ''"]),
+        (b"\"ab\x00cd\"\n", &["stray '\"ab'"]),
+        (b"{'bad \xff", &["stray ''bad \u{FFFD}'"]),
+        (b"{'execute': 'x', 'id':'\n", &["stray ''\n'"]),
+        (b"%p\n", &["stray '%'"]),
+        (b"True\n", &["stray 'T'"]),
+        (b"#comment\n", &["stray '#'"]),
+        (b"+1 \n", &["stray '+'"]),
+        (b"01", &["stray '01'"]),
+        (b"1.\n", &["stray '1.\n'"]),
+        (b"-\n", &["stray '-\n'"]),
+        (b"1e+x", &["stray '1e+x'"]),
+        (b"\xef\xbb\xbf{\"a\":1}", &["stray '\u{FFFD}'"]),
+        (b"@\x01\n", &["stray '@'", "stray '\u{1}'"]),
+        (b"{\"execute\":\"q\" @ }", &["stray '@'", "expecting value"]),
+        (b"{\"id\":\"a\tb\"}", &["stray '\"a\t'", "expecting value"]),
+        (b"\"\xc3\n", &["stray '\"\u{FFFD}\n'"]),
+    ];
+    for (input, errs) in cases {
+        let mut input = input.to_vec();
+        input.extend_from_slice(b"\n{\"probe\":1}");
+        let got = run(&input);
+        let mut want: Vec<String> = errs.iter().map(|d| e(d)).collect();
+        // The BOM case recovers at `{`, so its value is seen.
+        if input.starts_with(b"\xef") {
+            want.push(v(json!({"a":1})));
+        }
+        want.push(v(json!({"probe":1})));
+        assert_eq!(got, want, "{:?}", String::from_utf8_lossy(&input));
+    }
+    // Cascade from an error inside a string (qga case 04).
+    assert_eq!(
+        run(b"{\"execute\":\"guest-pi\xffng\",\"id\":\"x\"}"),
+        vec![
+            e("stray '\"guest-pi\u{FFFD}'"),
+            e("expecting value"),
+            v(json!("id")),
+            e("expecting value"),
+            v(json!("x")),
+            e("expecting value"),
+        ]
+    );
+    assert_eq!(
+        run(b"{\"a\":1}junk{\"b\":2}"),
+        vec![
+            v(json!({"a":1})),
+            e("invalid keyword 'junk'"),
+            v(json!({"b":2}))
+        ]
+    );
+    // An unbalanced object swallows later values until a control byte resyncs.
+    assert_eq!(
+        run(b"{\"a\":1 {\"b\":2}\x1b{\"c\":3}"),
+        vec![e("stray '\u{1b}'"), v(json!({"c":3}))]
+    );
+}
+
+#[test]
+fn strings_utf8_and_escapes() {
+    let ok: &[(&[u8], &str)] = &[
+        (b"\"\xc3\xa9\xe2\x82\xac\"", "é€"),
+        (b"\"\xef\xbb\xbfbom\"", "\u{FEFF}bom"),
+        (b"\"a\xc0\x80b\"", "a\0b"),
+        (b"\"\\u0000\"", "\0"),
+        (b"\"\\ud83d\\ude00\"", "😀"),
+        (
+            b"\"\\\"\\\\\\/\\b\\f\\n\\r\\t\\'\"",
+            "\"\\/\u{8}\u{c}\n\r\t'",
+        ),
+        (b"'it\\'s \"q\"'", "it's \"q\""),
+        (b"\"\xf0\x9f\x98\x80\"", "😀"),
+    ];
+    for (input, want) in ok {
+        assert_eq!(run(input), vec![v(json!(want))], "{input:?}");
+    }
+    let bad: &[(&[u8], &str)] = &[
+        (b"\"\xc3(\"", "invalid UTF-8 sequence in string"),
+        (b"\"\xc0\xaf\"", "invalid UTF-8 sequence in string"),
+        (b"\"\xed\xa0\x80\"", "invalid UTF-8 sequence in string"),
+        (b"\"\xf4\x90\x80\x80\"", "invalid UTF-8 sequence in string"),
+        (b"\"\xe2\x82\"", "invalid UTF-8 sequence in string"),
+        (b"\"\xe9\"", "invalid UTF-8 sequence in string"),
+        (b"\"\xef\xbf\xbe\"", "invalid UTF-8 sequence in string"),
+        (b"\"\\x41\"", "invalid escape sequence in string"),
+        (b"\"a\\qb\"", "invalid escape sequence in string"),
+        (b"\"\\ud800\"", "\\ud800 is not a valid Unicode character"),
+        (b"\"\\udc00x\"", "\\udc00 is not a valid Unicode character"),
+        (
+            b"\"\\ud800\\u0041\"",
+            "\\ud800 is not a valid Unicode character",
+        ),
+        (b"\"\\u12\"", "\\u12\" is not a valid Unicode character"),
+        (b"\"a\\u00\"", "\\u00\" is not a valid Unicode character"),
+        (b"\"\\uFFFE\"", "\\uFFFE is not a valid Unicode character"),
+        (
+            b"\"\\ud83f\\udffe\"",
+            "\\ud83f\\udffe is not a valid Unicode character",
+        ),
+    ];
+    for (input, desc) in bad {
+        assert_eq!(run(input), vec![e(desc)], "{input:?}");
+    }
+}
+
+#[test]
+fn numbers_like_qemu() {
+    assert_eq!(
+        run(b"[9223372036854775807,9223372036854775808,18446744073709551615,18446744073709551616,-9223372036854775809,-0,-0.0,1e400]"),
+        vec![v(json!([
+            i64::MAX,
+            9223372036854775808u64,
+            u64::MAX,
+            18446744073709551616.0,
+            -9223372036854775809.0,
+            0,
+            -0.0,
+            null
+        ]))]
+    );
+}
+
+fn id_of(input: &[u8]) -> Option<String> {
+    let mut dec = JsonDecoder::default();
+    let mut buf = BytesMut::from(input);
+    match dec.decode(&mut buf) {
+        Some(Frame::Value(p)) => p.id.map(|r| r.get().to_owned()),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn raw_id_text() {
+    assert_eq!(
+        id_of(br#"{"execute":"x","id":"__qmp#00001"}"#).as_deref(),
+        Some(r#""__qmp#00001""#)
+    );
+    assert_eq!(id_of(br#"{"id": 1.0}"#).as_deref(), Some("1.0"));
+    assert_eq!(id_of(br#"{"id":-0}"#).as_deref(), Some("-0"));
+    assert_eq!(id_of(br#"{"id":1e3}"#).as_deref(), Some("1e3"));
+    assert_eq!(id_of(br#"{"id":1E+2}"#).as_deref(), Some("1E+2"));
+    assert_eq!(id_of(b"{'id':'it\\'s'}").as_deref(), Some(r#""it's""#));
+    assert_eq!(
+        id_of(b"{\"id\" : { \"b\" : 1 , \"a\" : [ 2, 'x', null, [ ] ] }, \"execute\":\"q\"}")
+            .as_deref(),
+        Some(r#"{"b":1,"a":[2,"x",null,[]]}"#)
+    );
+    assert_eq!(
+        id_of(br#"{"id":"a\/b\u00e9"}"#).as_deref(),
+        Some(r#""a\/b\u00e9""#)
+    );
+    assert_eq!(
+        id_of(b"{\"id\":\"\xc3\xa9\xc0\x80\"}").as_deref(),
+        Some("\"é\\u0000\"")
+    );
+    assert_eq!(id_of(br#"{"id":true}"#).as_deref(), Some("true"));
+    assert_eq!(id_of(br#"{"ID":1}"#), None);
+    assert_eq!(id_of(br#"{"a":{"id":1}}"#), None);
+    assert_eq!(id_of(br#"[{"id":1}]"#), None);
+}
+
+#[test]
+fn nesting_limit() {
+    let deep = |n: usize| {
+        let mut s = b"{\"execute\":\"x\",\"id\":".to_vec();
+        s.extend(std::iter::repeat_n(b'[', n - 1));
+        s.extend(std::iter::repeat_n(b']', n - 1));
+        s.extend_from_slice(b"}{\"probe\":1}");
+        s
+    };
+    // Default limits: 1024 levels (the object counts) are accepted, 1025 are not.
+    let mut dec = JsonDecoder::default();
+    let mut buf = BytesMut::from(&deep(1024)[..]);
+    let mut out = Vec::new();
+    drain(&mut dec, &mut buf, &mut out);
+    assert_eq!(out.len(), 2);
+    assert!(out[0].starts_with("V:{\"execute\""));
+    let mut buf = BytesMut::from(&deep(1025)[..]);
+    let mut out = Vec::new();
+    drain(&mut dec, &mut buf, &mut out);
+    assert_eq!(
+        out,
+        vec![
+            "E:JSON nesting depth limit exceeded".to_string(),
+            v(json!({"probe":1}))
+        ]
+    );
+
+    let small = Limits {
+        max_nesting: 3,
+        ..Limits::default()
+    };
+    assert_eq!(
+        run_with(b"[[[]]] [[[[\"]\"]]]] 5 ", small),
+        vec![
+            v(json!([[[]]])),
+            "E:JSON nesting depth limit exceeded".into(),
+            v(json!(5)),
+        ]
+    );
+}
+
+#[test]
+fn token_count_limit() {
+    let lim = Limits {
+        max_tokens: 5,
+        ..Limits::default()
+    };
+    // [1,2] is 5 tokens; [1,2,3] is 7.
+    assert_eq!(
+        run_with(b"[1,2] [1,2,3] {\"a\":[1,{}]} 7 ", lim),
+        vec![
+            v(json!([1, 2])),
+            "E:JSON token count limit exceeded".into(),
+            "E:JSON token count limit exceeded".into(),
+            v(json!(7)),
+        ]
+    );
+}
+
+#[test]
+fn token_size_limit() {
+    let lim = Limits {
+        max_bytes: 10,
+        ..Limits::default()
+    };
+    // Nine bytes are fine, ten are not (QEMU: token bytes + 1 > limit).
+    assert_eq!(
+        run_with(b"\"1234567\" \"12345678\" 1", lim),
+        vec![
+            v(json!("1234567")),
+            "E:JSON token size limit exceeded".into(),
+        ]
+    );
+    assert_eq!(
+        run_with(
+            b"{\"a\":\"xxxxxxxxxxxxxxxxxxxxxxxxx]}\"} [1] \"yyyyyyyyyyyyyyyyyyyyyyyy\"[2]",
+            lim
+        ),
+        vec![
+            "E:JSON token size limit exceeded".into(),
+            v(json!([1])),
+            "E:JSON token size limit exceeded".into(),
+            v(json!([2]))
+        ]
+    );
+    // Memory stays bounded while a huge value is skipped.
+    let mut dec = JsonDecoder::new(lim);
+    let mut buf = BytesMut::from(&b"[\""[..]);
+    let mut out = Vec::new();
+    for _ in 0..1000 {
+        buf.extend_from_slice(b"zzzzzzzzzz");
+        drain(&mut dec, &mut buf, &mut out);
+        assert!(buf.len() <= 20);
+    }
+    buf.extend_from_slice(b"\"]{}");
+    drain(&mut dec, &mut buf, &mut out);
+    assert_eq!(
+        out,
+        vec!["E:JSON token size limit exceeded".to_string(), v(json!({}))]
+    );
+    // A lexical error ends the skipping silently; the lexer then recovers as usual.
+    assert_eq!(
+        run_with(b"[\"aaaaaaaaaaaaaaaaaaaa\" [ \xff{}", lim),
+        vec!["E:JSON token size limit exceeded".to_string(), v(json!({}))]
+    );
+}
+
+/// Replays the client bytes of one connection of a QEMU transcript and checks that the
+/// frames line up with the server's replies.
+fn replay(path: &str) {
+    let full = format!(
+        "{}/../../shared/conformance/{path}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&full).unwrap_or_else(|err| panic!("{full}: {err}"));
+    let mut lines = text.lines();
+    lines.next();
+    let mut dec = JsonDecoder::default();
+    let mut buf = BytesMut::new();
+    let mut got = Vec::new();
+    let mut want = Vec::new();
+    let mut conn = None;
+    for line in lines {
+        let rec: Value = serde_json::from_str(line).unwrap();
+        let Some(c) = rec["conn"].as_str() else {
+            continue;
+        };
+        if *conn.get_or_insert_with(|| c.to_owned()) != c {
+            continue;
+        }
+        match rec["dir"].as_str() {
+            Some("send") => {
+                let bytes = match rec["hex"].as_str() {
+                    Some(hex) => (0..hex.len())
+                        .step_by(2)
+                        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                        .collect(),
+                    None => rec["data"].as_str().unwrap().as_bytes().to_vec(),
+                };
+                buf.extend_from_slice(&bytes);
+                while let Some(f) = dec.decode(&mut buf) {
+                    got.push(match f {
+                        Frame::Value(_) => "value".to_string(),
+                        Frame::Error(d) => d,
+                    });
+                }
+            }
+            Some("recv") => {
+                let reply: Value = serde_json::from_str(rec["data"].as_str().unwrap()).unwrap();
+                if reply.get("QMP").is_some() || reply.get("event").is_some() {
+                    continue;
+                }
+                let desc = reply["error"]["desc"].as_str().unwrap_or("");
+                let item =
+                    if desc.starts_with("JSON parse error") || desc.ends_with("limit exceeded") {
+                        desc.to_string()
+                    } else {
+                        "value".to_string()
+                    };
+                for _ in 0..rec["count"].as_u64().unwrap_or(1) {
+                    want.push(item.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(want.len() >= 2, "{path}: too few replies");
+    assert_eq!(got, want, "{path}");
+}
+
+#[test]
+fn transcripts() {
+    for path in [
+        "qemu-10.0/20-json-syntax-errors.jsonl",
+        "qemu-10.0/21-json-lexical-errors.jsonl",
+        "qemu-10.0/22-invalid-utf8.jsonl",
+        "qemu-10.0/23-whitespace-only.jsonl",
+        "qemu-10.0/25-lookahead-scalars.jsonl",
+        "qemu-ga-7.2/04-sentinel-input.jsonl",
+        "qemu-ga-7.2/06-garbage-before-sync-no-ff.jsonl",
+        "qemu-ga-7.2/17-framing-lookahead.jsonl",
+        "qemu-ga-7.2/18-lexical-errors.jsonl",
+        "qemu-ga-7.2/19-syntax-errors.jsonl",
+    ] {
+        replay(path);
+    }
+}
