@@ -110,7 +110,7 @@ impl AsyncRead for SerialReader {
                 Ok(guard) => guard,
                 Err(error) => return Poll::Ready(Err(error)),
             };
-            let read = guard.try_io(|device| (&*device.get_ref()).read(buf.initialize_unfilled()));
+            let read = guard.try_io(|device| device.get_ref().read(buf.initialize_unfilled()));
             match read {
                 Ok(Ok(n)) if n > 0 => {
                     buf.advance(n);
@@ -139,7 +139,7 @@ impl AsyncWrite for SerialWriter {
     ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.device.poll_write_ready(cx))?;
-            match guard.try_io(|device| (&*device.get_ref()).write(data)) {
+            match guard.try_io(|device| device.get_ref().write(data)) {
                 Ok(Ok(n)) => return Poll::Ready(Ok(n)),
                 Ok(Err(error)) if error.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(error)) => {
