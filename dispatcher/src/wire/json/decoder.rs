@@ -157,6 +157,8 @@ pub struct JsonDecoder {
     brackets: i64,
     /// After a limit error: the rest of the oversized value is being skipped.
     discarding: bool,
+    /// Scratch stack for the parser, kept to reuse its allocation.
+    stack: Vec<parser::Open>,
 }
 
 impl Default for JsonDecoder {
@@ -178,6 +180,7 @@ impl JsonDecoder {
             braces: 0,
             brackets: 0,
             discarding: false,
+            stack: Vec::new(),
         }
     }
 
@@ -367,7 +370,7 @@ impl JsonDecoder {
         if !complete {
             return None;
         }
-        let frame = parser::parse(&buf[self.value_start..end]);
+        let frame = parser::parse(&buf[self.value_start..end], &mut self.stack);
         self.reset_value();
         self.consume(buf, end);
         Some(frame)

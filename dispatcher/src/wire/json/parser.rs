@@ -31,7 +31,8 @@ enum Tok {
 const PREMATURE: &str = "JSON parse error, premature EOI";
 
 /// One open container.
-enum Open {
+#[derive(Debug)]
+pub(super) enum Open {
     /// An object and, once read, the key whose value is being parsed.
     Object(Map<String, Value>, Option<String>),
     Array(Vec<Value>),
@@ -112,9 +113,11 @@ impl<'a> Parser<'a> {
 
     /// Value of a scalar token just read.
     fn scalar(&self, tok: Tok) -> Result<Value, String> {
+        if tok == Tok::Str {
+            return decode_string(self.text()).map(Value::String);
+        }
         let text = std::str::from_utf8(self.text()).unwrap_or("");
         match tok {
-            Tok::Str => decode_string(self.text()).map(Value::String),
             Tok::Kw => match text {
                 "true" => Ok(Value::Bool(true)),
                 "false" => Ok(Value::Bool(false)),
@@ -125,8 +128,8 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn run(&mut self) -> Result<(Value, Option<(usize, usize)>), String> {
-        let mut stack: Vec<Open> = Vec::new();
+    fn run(&mut self, stack: &mut Vec<Open>) -> Result<(Value, Option<(usize, usize)>), String> {
+        stack.clear();
         let mut id_start = None;
         let mut id_span = None;
         'value: loop {
@@ -242,18 +245,28 @@ fn number(text: &str, integer: bool) -> Value {
         .map_or(Value::Null, Value::Number)
 }
 
-/// Parses one complete value (the bytes from its first to its last token).
-pub(super) fn parse(src: &[u8]) -> Frame {
+/// Parses one complete value (the bytes from its first to its last token). `stack` is
+/// scratch space, kept by the caller so its allocation is reused.
+pub(super) fn parse(src: &[u8], stack: &mut Vec<Open>) -> Frame {
     let mut p = Parser {
         src,
         pos: 0,
         tok_start: 0,
         tok_end: 0,
     };
-    match p.run() {
+    let result = p.run(stack);
+    stack.clear();
+    match result {
         Ok((value, span)) => {
             let id = match (&value, span) {
-                (Value::Object(_), Some((s, e))) => raw_id(&src[s..e]),
+                (Value::Object(map), Some((s, e))) => match map.get("id") {
+                    // Re-serializing these gives the same text as the span, minus the
+                    // validation pass `RawValue::from_string` would do.
+                    Some(id @ (Value::String(_) | Value::Bool(_) | Value::Null)) => {
+                        serde_json::value::to_raw_value(id).ok()
+                    }
+                    _ => raw_id(&src[s..e]),
+                },
                 _ => None,
             };
             Frame::Value(ParsedValue { value, id })

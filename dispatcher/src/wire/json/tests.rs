@@ -336,13 +336,17 @@ fn raw_id_text() {
     );
     assert_eq!(
         id_of(br#"{"id":"a\/b\u00e9"}"#).as_deref(),
-        Some(r#""a\/b\u00e9""#)
+        Some("\"a/b\u{e9}\"")
     );
     assert_eq!(
         id_of(b"{\"id\":\"\xc3\xa9\xc0\x80\"}").as_deref(),
         Some("\"é\\u0000\"")
     );
     assert_eq!(id_of(br#"{"id":true}"#).as_deref(), Some("true"));
+    assert_eq!(
+        id_of(b"{\"id\":[\"a\\/\\u00e9\", 'b\\'c', 1.50]}").as_deref(),
+        Some("[\"a/\u{e9}\",\"b'c\",1.50]")
+    );
     assert_eq!(id_of(br#"{"ID":1}"#), None);
     assert_eq!(id_of(br#"{"a":{"id":1}}"#), None);
     assert_eq!(id_of(br#"[{"id":1}]"#), None);
@@ -534,4 +538,79 @@ fn transcripts() {
     ] {
         replay(path);
     }
+}
+
+/// Random JSON-ish input: never panics, and any split gives the same frames.
+#[test]
+fn random_input_is_split_invariant() {
+    const ALPHABET: &[u8] =
+        b"{}[]:,\"'\\ \n\t01-.eE+anulltrux\x00\x01\x1b\xc0\x80\xc3\xa9\xed\xff\xfe%@";
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let limits = Limits {
+        max_nesting: 4,
+        max_tokens: 12,
+        max_bytes: 24,
+    };
+    for _ in 0..3000 {
+        let n = (rnd() % 40) as usize;
+        let input: Vec<u8> = (0..n)
+            .map(|_| ALPHABET[(rnd() % ALPHABET.len() as u64) as usize])
+            .collect();
+        run_with(&input, limits);
+        run(&input);
+        let mut dec = JsonDecoder::new(limits);
+        let mut buf = BytesMut::from(&input[..]);
+        while dec.decode_eof(&mut buf).is_some() {}
+        assert!(dec.is_idle() && buf.is_empty());
+    }
+}
+
+/// Per-request cost against `serde_json::from_slice::<Value>` on a typical request (best of
+/// several interleaved rounds, since the build machine is shared). Run with
+/// `cargo test -p qmp-dispatcher --release --lib -- --ignored --nocapture speed`.
+#[test]
+#[ignore]
+fn speed() {
+    use std::hint::black_box;
+    use std::time::{Duration, Instant};
+    let req: &[u8] = br#"{"execute":"query-status","id":"__qmp#00001"}"#;
+    const N: u32 = 200_000;
+    let mut many = BytesMut::new();
+    for _ in 0..1000 {
+        many.extend_from_slice(req);
+    }
+    let (mut ours, mut serde, mut stream) = (Duration::MAX, Duration::MAX, Duration::MAX);
+    let mut dec = JsonDecoder::default();
+    for _ in 0..15 {
+        let t = Instant::now();
+        for _ in 0..N {
+            let mut buf = BytesMut::from(black_box(req));
+            black_box(dec.decode(&mut buf));
+        }
+        ours = ours.min(t.elapsed() / N);
+        let t = Instant::now();
+        for _ in 0..N {
+            let buf = BytesMut::from(black_box(req));
+            black_box(serde_json::from_slice::<Value>(&buf).ok());
+        }
+        serde = serde.min(t.elapsed() / N);
+        let t = Instant::now();
+        for _ in 0..N / 1000 {
+            let mut buf = many.clone();
+            while let Some(f) = dec.decode(&mut buf) {
+                black_box(f);
+            }
+        }
+        stream = stream.min(t.elapsed() / N);
+    }
+    println!(
+        "decode: {ours:?}/request, serde_json::from_slice: {serde:?}/request, \
+         pipelined stream: {stream:?}/request"
+    );
 }

@@ -92,7 +92,9 @@ pub(super) fn decode_string(tok: &[u8]) -> Result<String, String> {
     let body = &tok[1..tok.len().saturating_sub(1).max(1)];
     // Common case: plain ASCII without escapes is its own value.
     if body.iter().all(|&b| b < 0x80 && b != b'\\') {
-        return Ok(String::from_utf8_lossy(body).into_owned());
+        if let Ok(s) = std::str::from_utf8(body) {
+            return Ok(s.to_owned());
+        }
     }
     let quote = tok[0];
     let mut out = String::with_capacity(body.len());
