@@ -1,1 +1,42 @@
-//! The qmp-dispatcher behind the QEMU guest agent's wire protocol.
+//! The qmp-dispatcher behind the QEMU guest agent's wire protocol (qemu-ga 7.2 compatible).
+//!
+//! A guest agent written in Rust registers its commands with a [`GuestAgent`] and serves a
+//! Unix socket, a virtio-serial port or a serial line; hosts (libvirt, `qmp-shell -N`) see
+//! qemu-ga: no greeting, no negotiation, one command at a time, replies ending in `"\n"`,
+//! `guest-sync-delimited` replies preceded by 0xFF, and a parser whose state survives
+//! reconnects. See `docs/qga.md`.
+//!
+//! ```no_run
+//! use qmp_dispatcher::{Command, NoArgs};
+//! use qmp_qga::GuestAgent;
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let agent = GuestAgent::builder()
+//!     .version("7.2.22")
+//!     .command(Command::sync("guest-get-host-name", |_: NoArgs| {
+//!         Ok(serde_json::json!({"host-name": "guest"}))
+//!     }))
+//!     .block(["guest-exec"])
+//!     .build()
+//!     .expect("unique command names");
+//! agent.serve_serial("/dev/virtio-ports/org.qemu.guest_agent.0").await
+//! # }
+//! ```
+//!
+//! # Layout
+//! - [`agent`]: the builder, block/allow/frozen filters and the serve methods.
+//! - `commands`: `guest-sync`, `guest-sync-delimited`, `guest-ping`, `guest-info`.
+//! - `hub`: the single dispatcher session that clients are attached to in turn.
+//! - [`serial`]: character devices with no connect or disconnect.
+
+pub mod agent;
+mod commands;
+mod hub;
+pub mod serial;
+
+pub use agent::{
+    BuildError, FROZEN_ALLOWED, FROZEN_REASON, GuestAgent, GuestAgentBuilder, NOT_ALLOWED_REASON,
+    ParserState, minimal_agent,
+};
+pub use commands::SENTINEL;
+pub use serial::{EOF_RETRY, SerialPort};
