@@ -28,9 +28,7 @@ pub(crate) enum End {
     TooSlow,
 }
 
-/// Serves one client until it leaves or the server stops. `decoder` carries the JSON
-/// parser state, so a protocol whose parser outlives connections (the guest agent) can pass
-/// the same one again.
+/// Serves one client until it leaves or the server stops.
 pub(crate) async fn serve<T: Transport>(
     shared: Arc<Shared>,
     transport: T,

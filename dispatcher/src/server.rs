@@ -238,18 +238,12 @@ impl Server {
 
     /// Serves one client on any transport (stdio, a character device), in this task, until
     /// it disconnects or the server shuts down.
+    ///
+    /// Each connection starts with a fresh JSON parser, as QEMU's monitor does. A protocol
+    /// whose parser outlives clients (the guest agent) keeps one connection and attaches
+    /// clients to its transport instead; see `qmp-qga`.
     pub async fn serve_connection<T: Transport>(&self, transport: T) {
         let mut decoder = JsonDecoder::new(self.shared.config.limits);
-        self.serve_connection_with(transport, &mut decoder).await;
-    }
-
-    /// Like [`serve_connection`](Self::serve_connection), with a decoder that outlives the
-    /// connection: a guest agent keeps its parser state across reconnects.
-    pub async fn serve_connection_with<T: Transport>(
-        &self,
-        transport: T,
-        decoder: &mut JsonDecoder,
-    ) {
         let client = self
             .shared
             .counters
@@ -261,7 +255,7 @@ impl Server {
         let end = connection::serve(
             Arc::clone(&self.shared),
             transport,
-            decoder,
+            &mut decoder,
             self.shutdown.clone(),
             client,
         )

@@ -21,7 +21,8 @@ struct Cli {
     /// many clients.
     #[arg(long = "qmp", value_name = "ADDR", required = true)]
     qmp: Vec<Listen>,
-    /// Serve the guest-agent protocol on `unix:PATH`.
+    /// Serve the guest-agent protocol (qemu-ga framing: guest-sync, guest-sync-delimited,
+    /// guest-ping, guest-info) on `unix:PATH`.
     #[arg(long = "qga", value_name = "ADDR")]
     qga: Option<Listen>,
     /// Commands one async client may have in flight.
@@ -113,11 +114,18 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    if let Some(qga) = &cli.qga {
-        return Err(format!(
-            "--qga {qga:?}: the guest-agent listener is not built into this binary yet"
-        )
-        .into());
+    let agent = std::sync::Arc::new(qmp_qga::minimal_agent());
+    match &cli.qga {
+        Some(Listen::Unix(path)) => {
+            let listener = qmp_dispatcher::bind_unix(path, cli.socket_mode)
+                .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+            tracing::info!(path = %path.display(), "guest agent listening");
+            sockets.push(path.clone());
+            let agent = std::sync::Arc::clone(&agent);
+            listeners.spawn(async move { agent.serve_unix(listener).await });
+        }
+        Some(Listen::Tcp(_)) => return Err("--qga takes unix:PATH".into()),
+        None => {}
     }
 
     tokio::select! {
@@ -130,6 +138,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     server.shutdown();
+    agent.server().shutdown();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server.wait()).await;
     for path in sockets {
         let _ = std::fs::remove_file(path);
