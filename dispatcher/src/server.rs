@@ -249,7 +249,8 @@ impl Server {
             .counters
             .next_client
             .fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!("qmp_client", client);
+        // DEBUG, not INFO: the span is entered on every poll of the connection.
+        let span = tracing::debug_span!("qmp_client", client);
         let _token = self.tasks.token();
         self.shared.counters.clients.fetch_add(1, Ordering::Relaxed);
         let end = connection::serve(

@@ -288,6 +288,16 @@ impl Session {
             return None;
         }
         let handler = match &command.kind {
+            Kind::Builtin(Builtin::QueryVersion) if request.arguments.is_empty() => {
+                let ending = shared.config.dialect.line_ending;
+                encode::success(
+                    &mut self.out,
+                    &shared.version_json,
+                    request.id.as_deref(),
+                    ending,
+                );
+                return None;
+            }
             Kind::Builtin(builtin) => {
                 let result = self.builtin(*builtin, request.arguments);
                 self.write_result(request.id.as_deref(), result);
@@ -296,6 +306,10 @@ impl Session {
             Kind::Handler(handler) => Arc::clone(handler),
         };
 
+        let id_key = match id_key {
+            None if self.async_mode => request.id_value.as_ref().map(Value::to_string),
+            id_key => id_key,
+        };
         let cancel = self.cancel.child_token();
         let ticket = self.in_flight.insert(NewEntry {
             id: request.id,
@@ -336,6 +350,9 @@ impl Session {
                 "QMP input lacks member 'id', required by capability 'async'",
             ));
         };
+        if self.in_flight.is_empty() {
+            return Ok(None); // Nothing to clash with; the key is made if the command defers.
+        }
         let id_key = id.to_string();
         if self.in_flight.has_id(&id_key) {
             return Err(QmpError::generic(format!(
@@ -353,11 +370,11 @@ impl Session {
         let value = match builtin {
             Builtin::QmpCapabilities => self.negotiate(arguments),
             Builtin::QueryVersion => {
-                crate::args::decode::<crate::args::NoArgs>(arguments)?;
+                no_args(arguments)?;
                 return Ok(self.shared.version_json.clone());
             }
             Builtin::QueryCommands => {
-                crate::args::decode::<crate::args::NoArgs>(arguments)?;
+                no_args(arguments)?;
                 let names = self.shared.registry.commands().filter(|c| c.enabled);
                 Ok(Value::Array(
                     names
@@ -366,7 +383,7 @@ impl Session {
                 ))
             }
             Builtin::QueryAsyncCommands => {
-                crate::args::decode::<crate::args::NoArgs>(arguments)?;
+                no_args(arguments)?;
                 Ok(Value::Array(
                     self.in_flight
                         .iter()
@@ -525,6 +542,14 @@ impl Session {
         self.out
             .extend_from_slice(config.dialect.line_ending.as_bytes());
     }
+}
+
+/// Checks that a built-in taking no arguments got none, without a serde round trip.
+fn no_args(arguments: Map<String, Value>) -> Result<(), QmpError> {
+    if arguments.is_empty() {
+        return Ok(());
+    }
+    crate::args::decode::<crate::args::NoArgs>(arguments).map(drop)
 }
 
 /// One row of `query-async-commands`.

@@ -59,8 +59,11 @@ pub fn parse(parsed: ParsedValue, oob_enabled: bool) -> Result<Request, RequestE
     };
 
     // QEMU checks members in its hash-table order and reports the first problem it meets.
+    // Ordering only matters when something is wrong, so valid requests skip the sort.
     let mut keys: Vec<&String> = map.keys().collect();
-    keys.sort_by_key(|key| qdict::bucket(key));
+    if !envelope_is_valid(&map, oob_enabled) {
+        keys.sort_by_key(|key| qdict::bucket(key));
+    }
     let mut command_key: Option<&'static str> = None;
     for key in keys {
         match key.as_str() {
@@ -107,6 +110,25 @@ pub fn parse(parsed: ParsedValue, oob_enabled: bool) -> Result<Request, RequestE
         id,
         id_value: map.remove("id"),
     })
+}
+
+/// True when every member is one a request may have, with the right type, and at most one
+/// of `execute`/`exec-oob` is present.
+fn envelope_is_valid(map: &Map<String, Value>, oob_enabled: bool) -> bool {
+    let mut commands = 0;
+    map.iter().all(|(key, value)| match key.as_str() {
+        "execute" => {
+            commands += 1;
+            value.is_string()
+        }
+        "exec-oob" if oob_enabled => {
+            commands += 1;
+            value.is_string()
+        }
+        "arguments" => value.is_object(),
+        "id" => true,
+        _ => false,
+    }) && commands <= 1
 }
 
 #[cfg(test)]
