@@ -96,19 +96,22 @@ pub fn parse(parsed: ParsedValue, oob_enabled: bool) -> Result<Request, RequestE
         return fail(id, "QMP input lacks member 'execute'".into());
     };
     let oob = command_key == "exec-oob";
-    let Some(Value::String(command)) = map.remove(command_key) else {
-        unreachable!("checked to be a string above");
-    };
-    let arguments = match map.remove("arguments") {
-        Some(Value::Object(arguments)) => arguments,
-        _ => Map::new(),
-    };
+    // One pass taking members by value; the envelope was validated above.
+    let (mut command, mut arguments, mut id_value) = (String::new(), Map::new(), None);
+    for (key, value) in map {
+        match (key.as_str(), value) {
+            (key, Value::String(name)) if key == command_key => command = name,
+            ("arguments", Value::Object(object)) => arguments = object,
+            ("id", value) => id_value = Some(value),
+            _ => {}
+        }
+    }
     Ok(Request {
         command,
         oob,
         arguments,
         id,
-        id_value: map.remove("id"),
+        id_value,
     })
 }
 
