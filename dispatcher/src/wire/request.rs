@@ -44,7 +44,7 @@ pub fn is_oob_keyed(value: &Value) -> bool {
 /// Validates the envelope of one decoded value. `oob_enabled` is whether this client
 /// negotiated the `oob` capability: without it `exec-oob` is just an unexpected member.
 pub fn parse(parsed: ParsedValue, oob_enabled: bool) -> Result<Request, RequestError> {
-    let Value::Object(mut map) = parsed.value else {
+    let Value::Object(map) = parsed.value else {
         return Err(RequestError {
             id: None,
             error: QmpError::generic("QMP input must be a JSON object"),
