@@ -1,6 +1,7 @@
 //! The `qmp-demo` VMM monitor: a QEMU-like command set on the dispatcher.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use qmp_dispatcher::config::{DEFAULT_EVENT_QUEUE, qemu_throttles};
 use qmp_dispatcher::{Events, RegisterError, Registry, Server, VersionInfo};
@@ -21,6 +22,9 @@ pub struct DemoOptions {
     pub max_clients: usize,
     /// Framebuffer size.
     pub display_size: (u32, u32),
+    /// Test hook: `screendump` sleeps this long per chunk of rows, to be caught in flight.
+    #[doc(hidden)]
+    pub screendump_chunk_delay: Duration,
 }
 
 impl Default for DemoOptions {
@@ -29,6 +33,7 @@ impl Default for DemoOptions {
             max_in_flight: qmp_dispatcher::config::DEFAULT_MAX_IN_FLIGHT,
             max_clients: qmp_dispatcher::config::DEFAULT_MAX_CLIENTS,
             display_size: (1920, 1080),
+            screendump_chunk_delay: Duration::ZERO,
         }
     }
 }
@@ -59,7 +64,10 @@ pub fn build(
     let mut registry = Registry::builder();
     run_state.register(&mut registry)?;
     registry
-        .add(screendump::command(display))?
+        .add(screendump::paced_command(
+            display,
+            options.screendump_chunk_delay,
+        ))?
         .add(misc::query_yank())?
         .add(misc::x_delay())?
         .add(misc::quit(on_quit))?;

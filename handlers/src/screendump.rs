@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use qmp_dispatcher::{Command, QmpError, QmpReturn};
 use serde::Deserialize;
@@ -37,6 +38,13 @@ pub struct Display {
 /// The `screendump` command over `display`. The encoding runs on tokio's blocking pool, so
 /// the monitor stays responsive; the reply comes when the file is complete.
 pub fn command(display: Display) -> Command {
+    paced_command(display, Duration::ZERO)
+}
+
+/// [`command`] sleeping `chunk_delay` at every cancellation check (before the file is
+/// created and between chunks of rows), so that tests can catch a dump in flight.
+#[doc(hidden)]
+pub fn paced_command(display: Display, chunk_delay: Duration) -> Command {
     Command::deferred("screendump", move |args: ScreendumpArgs, ret: QmpReturn| {
         if let Some(device) = &args.device {
             if *device != display.device {
@@ -57,9 +65,13 @@ pub fn command(display: Display) -> Command {
         tokio::task::spawn_blocking(move || {
             let cancel = ret.cancellation_token();
             let image = framebuffer.snapshot();
-            match write_image(&image, args.format, &args.filename, &|| {
+            let cancelled = || {
+                if !chunk_delay.is_zero() {
+                    std::thread::sleep(chunk_delay);
+                }
                 cancel.is_cancelled()
-            }) {
+            };
+            match write_image(&image, args.format, &args.filename, &cancelled) {
                 Ok(()) => ret.ok(&json!({})),
                 // The client is gone or cancelled it; the file is removed and nobody waits.
                 Err(DumpError::Cancelled) => drop(ret),

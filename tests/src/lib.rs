@@ -2,6 +2,7 @@
 //! commands, and a raw QMP client that speaks bytes and checks lines.
 
 pub mod transcript;
+pub mod venv;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

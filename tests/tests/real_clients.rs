@@ -2,44 +2,17 @@
 //! `scripts/install-test-deps` creates) talking to the `qmp-test-server` binary, and qapi-rs
 //! (Rust) talking to an in-process server.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use qmp_tests::venv::{python, workspace};
 use qmp_tests::{Scratch, TestServer};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// A Python script's budget: generous, a hung client must not hang CI.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The interpreter with qemu.qmp. Missing prerequisites fail loudly: a skipped interop test
-/// would look like a passing one.
-async fn python() -> PathBuf {
-    let python = std::env::var_os("QMP_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join(".venv/bin/python"));
-    let hint = "run scripts/install-test-deps (or set QMP_TEST_PYTHON to a python with qemu.qmp)";
-    let probe = Command::new(&python)
-        .args(["-c", "import qemu.qmp"])
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}; {hint}", python.display()));
-    assert!(
-        probe.status.success(),
-        "{} cannot import qemu.qmp: {}; {hint}",
-        python.display(),
-        String::from_utf8_lossy(&probe.stderr)
-            .lines()
-            .last()
-            .unwrap_or("")
-    );
-    python
-}
 
 /// `qmp-test-server` running on a socket in a scratch directory.
 struct ServerProcess {

@@ -34,6 +34,10 @@ struct Cli {
     /// Permissions of the Unix sockets (octal).
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
+    /// Test hook: milliseconds `screendump` sleeps per chunk of rows, so that tests can cancel
+    /// a dump while its file is half written.
+    #[arg(long, hide = true, value_name = "MS", default_value_t = 0)]
+    screendump_chunk_delay_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +91,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let options = DemoOptions {
         max_in_flight: cli.max_in_flight,
         max_clients: cli.max_clients,
+        screendump_chunk_delay: std::time::Duration::from_millis(cli.screendump_chunk_delay_ms),
         ..DemoOptions::default()
     };
     let demo = demo::build(&options, move || on_quit.cancel())?;
