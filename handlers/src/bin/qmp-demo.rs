@@ -97,7 +97,8 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let demo = demo::build(&options, move || on_quit.cancel())?;
     let server = demo.server.clone();
 
-    let mut sockets = Vec::new();
+    // Removed however `run` ends, so a failed start leaves no socket file behind.
+    let mut sockets = SocketFiles(Vec::new());
     let mut listeners = tokio::task::JoinSet::new();
     for listen in &cli.qmp {
         match listen {
@@ -105,7 +106,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 let listener = qmp_dispatcher::bind_unix(path, cli.socket_mode)
                     .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
                 tracing::info!(path = %path.display(), "QMP listening");
-                sockets.push(path.clone());
+                sockets.0.push(path.clone());
                 let server = server.clone();
                 listeners.spawn(async move { server.serve_unix(listener).await });
             }
@@ -125,7 +126,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let listener = qmp_dispatcher::bind_unix(path, cli.socket_mode)
                 .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
             tracing::info!(path = %path.display(), "guest agent listening");
-            sockets.push(path.clone());
+            sockets.0.push(path.clone());
             let agent = std::sync::Arc::clone(&agent);
             listeners.spawn(async move { agent.serve_unix(listener).await });
         }
@@ -145,10 +146,18 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     server.shutdown();
     agent.server().shutdown();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server.wait()).await;
-    for path in sockets {
-        let _ = std::fs::remove_file(path);
-    }
     Ok(())
+}
+
+/// Socket files to remove when the demo exits.
+struct SocketFiles(Vec<PathBuf>);
+
+impl Drop for SocketFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 async fn shutdown_signal() {
