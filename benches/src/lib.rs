@@ -7,6 +7,12 @@
 //!   N ms without holding up the client's other requests). Any QMP server is measured against it.
 //! - `src/bin/qmp-bench.rs`: the load generator. Clients keep `--depth` commands in flight each
 //!   and report throughput, latency percentiles, and the server's CPU time and peak RSS.
+//!   `--idle-clients N` and `--hold-in-flight` measure server RSS per client and per
+//!   in-flight command; `--pipeline-legacy` lets a client without capabilities pipeline.
+//! - `src/bin/qmp-compare/`: the side-by-side run of qmp-demo, qmp-floor and
+//!   qemu-storage-daemon behind `scripts/bench-compare`; see `docs/performance.md`.
+//! - `benches/codec.rs`, `benches/dispatch.rs`: criterion micro-benchmarks of the JSON
+//!   decoder, argument decoding and end-to-end dispatch with 10 and 10,000 commands.
 //!
 //! # Usage
 //!

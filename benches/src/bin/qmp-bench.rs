@@ -72,6 +72,17 @@ struct Cli {
     /// RSS growth per client (needs --pid or --spawn).
     #[arg(long)]
     idle_clients: Option<usize>,
+    /// Memory mode: each of `--clients` sends `--depth` commands at once (make them slow, e.g.
+    /// `x-delay` of 20 s), then the server's RSS is sampled until it settles and its growth
+    /// per in-flight command is reported (needs --pid or --spawn). Replies that arrive before
+    /// the sample are counted as `early_replies`: the measurement is valid only if that is 0.
+    #[arg(long, conflicts_with = "idle_clients")]
+    hold_in_flight: bool,
+    /// Let a legacy client (no capabilities) pipeline `--depth` requests without waiting for
+    /// each reply. Servers queue them and answer in order; QEMU suspends the monitor while a
+    /// command runs, so this shows what a legacy client waits for behind a slow command.
+    #[arg(long)]
+    pipeline_legacy: bool,
     /// Tokio worker threads of the generator (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -499,6 +510,105 @@ async fn measure_idle(
     Ok((json, line))
 }
 
+/// How often the server's RSS is sampled while waiting for it to settle.
+const SETTLE_INTERVAL: Duration = Duration::from_millis(250);
+/// RSS counts as settled when it changed by less than this fraction over one interval.
+const SETTLE_TOLERANCE: f64 = 0.002;
+/// Give up waiting for the RSS to settle after this long and sample it anyway.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits until the server's RSS stops growing (the server has taken in everything sent) and
+/// returns it in KiB.
+async fn settled_rss_kib(server: &Server) -> Result<u64, BoxError> {
+    let started = Instant::now();
+    let mut previous = server.memory_kib("VmRSS")?;
+    let mut steady_samples = 0;
+    loop {
+        tokio::time::sleep(SETTLE_INTERVAL).await;
+        let current = server.memory_kib("VmRSS")?;
+        let change = (current as f64 - previous as f64).abs() / previous.max(1) as f64;
+        steady_samples = if change < SETTLE_TOLERANCE {
+            steady_samples + 1
+        } else {
+            0
+        };
+        previous = current;
+        if steady_samples >= 2 || started.elapsed() > SETTLE_TIMEOUT {
+            return Ok(current);
+        }
+    }
+}
+
+/// Sends `depth` requests in one write, then reads until the connection fails, counting
+/// every reply (events aside) in `early_replies`. Runs until aborted.
+async fn hold_requests(
+    mut conn: Connection,
+    opts: Arc<Options>,
+    early_replies: Arc<AtomicU64>,
+) -> Result<(), BoxError> {
+    let mut out = Vec::with_capacity(opts.depth * (opts.request_prefix.len() + 24));
+    for id in 0..opts.depth {
+        out.extend_from_slice(&opts.request_prefix);
+        write!(out, "{id}}}")?;
+    }
+    conn.stream.write_all(&out).await?;
+    loop {
+        conn.fill().await?;
+        while let Some(line) = conn.next_line() {
+            let reply: ReplyHead = serde_json::from_slice(line)?;
+            if reply.event.is_none() {
+                early_replies.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Memory run: RSS growth of the server per command held in flight.
+///
+/// The baseline is taken with every client connected and negotiated, so only the commands'
+/// own cost is counted. Each client then writes its `--depth` requests in one go and keeps
+/// reading, counting any reply that comes back before the sample.
+async fn measure_held(
+    clients: usize,
+    targets: &[Target],
+    opts: Arc<Options>,
+    server: &Server,
+) -> Result<(serde_json::Value, String), BoxError> {
+    let conns = open_clients(clients, targets, &opts).await?;
+    let before = settled_rss_kib(server).await?;
+    let early_replies = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for conn in conns {
+        let opts = Arc::clone(&opts);
+        let early_replies = Arc::clone(&early_replies);
+        tasks.spawn(hold_requests(conn, opts, early_replies));
+    }
+    let after = settled_rss_kib(server).await?;
+    // A client task that ended has failed: `fill` only returns to read more.
+    if let Some(result) = tasks.try_join_next() {
+        result??;
+    }
+    tasks.abort_all();
+    let early_replies = early_replies.load(Ordering::Relaxed);
+    let commands = clients * opts.depth;
+    let per_command = (after as f64 - before as f64) / commands as f64;
+    let json = serde_json::json!({
+        "commands_in_flight": commands,
+        "clients": clients,
+        "depth": opts.depth,
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "kib_per_command": per_command,
+        "early_replies": early_replies,
+    });
+    let line = format!(
+        "{commands} commands in flight ({clients} clients x {}): server RSS {before} -> {after} KiB \
+         = {per_command:.3} KiB per command; {early_replies} early replies",
+        opts.depth
+    );
+    Ok((json, line))
+}
+
 /// Serialises `command` up to the point where `"id":N}` is appended, rejecting a given id.
 fn request_prefix(command: &str) -> Result<Vec<u8>, BoxError> {
     let request: serde_json::Map<String, serde_json::Value> = serde_json::from_str(command)
@@ -528,8 +638,10 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
         .map(String::from)
         .collect();
     let mut depth = cli.depth.max(1);
-    if caps.is_empty() && !cli.no_greeting && depth > 1 {
-        eprintln!("qmp-bench: legacy client (no capabilities): depth held to 1");
+    if caps.is_empty() && !cli.no_greeting && depth > 1 && !cli.pipeline_legacy {
+        eprintln!(
+            "qmp-bench: legacy client (no capabilities): depth held to 1 (see --pipeline-legacy)"
+        );
         depth = 1;
     }
     let opts = Arc::new(Options {
@@ -545,10 +657,13 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
         (None, Some(pid)) => Some(Server { pid, child: None }),
         (None, None) => None,
     };
-    let result = match (cli.idle_clients, &server) {
-        (Some(clients), Some(server)) => measure_idle(clients, &targets, opts, server).await,
-        (Some(_), None) => Err("--idle-clients needs --pid or --spawn".into()),
-        (None, server) => measure_load(&cli, &targets, opts, server.as_ref()).await,
+    let result = match (cli.idle_clients, cli.hold_in_flight, &server) {
+        (Some(clients), _, Some(server)) => measure_idle(clients, &targets, opts, server).await,
+        (None, true, Some(server)) => measure_held(cli.clients, &targets, opts, server).await,
+        (Some(_), _, None) | (None, true, None) => {
+            Err("--idle-clients and --hold-in-flight need --pid or --spawn".into())
+        }
+        (None, false, server) => measure_load(&cli, &targets, opts, server.as_ref()).await,
     };
     if let Some(server) = server {
         server.stop().await;
