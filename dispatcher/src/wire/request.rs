@@ -58,40 +58,18 @@ pub fn parse(parsed: ParsedValue, oob_enabled: bool) -> Result<Request, RequestE
         })
     };
 
-    // QEMU checks members in its hash-table order and reports the first problem it meets.
-    // Ordering only matters when something is wrong, so valid requests skip the sort.
-    let mut keys: Vec<&String> = map.keys().collect();
-    if !envelope_is_valid(&map, oob_enabled) {
-        keys.sort_by_key(|key| qdict::bucket(key));
-    }
-    let mut command_key: Option<&'static str> = None;
-    for key in keys {
-        match key.as_str() {
-            name @ ("execute" | "exec-oob") if name == "execute" || oob_enabled => {
-                if !map[name].is_string() {
-                    return fail(id, format!("QMP input member '{name}' must be a string"));
-                }
-                if command_key.is_some() {
-                    return fail(
-                        id,
-                        "QMP input member 'execute' clashes with 'exec-oob'".into(),
-                    );
-                }
-                command_key = Some(if name == "execute" {
-                    "execute"
-                } else {
-                    "exec-oob"
-                });
-            }
-            "arguments" => {
-                if !map["arguments"].is_object() {
-                    return fail(id, "QMP input member 'arguments' must be an object".into());
-                }
-            }
-            "id" => {}
-            other => return fail(id, format!("QMP input member '{other}' is unexpected")),
+    let command_key = if envelope_is_valid(&map, oob_enabled) {
+        // The common case: nothing to report, so QEMU's check order does not matter.
+        [("execute", "execute"), ("exec-oob", "exec-oob")]
+            .into_iter()
+            .find(|(key, _)| map.contains_key(*key))
+            .map(|(_, key)| key)
+    } else {
+        match first_problem(&map, oob_enabled) {
+            Ok(command_key) => command_key,
+            Err(desc) => return fail(id, desc),
         }
-    }
+    };
     let Some(command_key) = command_key else {
         return fail(id, "QMP input lacks member 'execute'".into());
     };
@@ -113,6 +91,42 @@ pub fn parse(parsed: ParsedValue, oob_enabled: bool) -> Result<Request, RequestE
         id,
         id_value,
     })
+}
+
+/// Walks the members in QEMU's hash-table order and reports the first problem it meets, as
+/// QEMU does; returns which member names the command when there is none.
+fn first_problem(
+    map: &Map<String, Value>,
+    oob_enabled: bool,
+) -> Result<Option<&'static str>, String> {
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort_by_key(|key| qdict::bucket(key));
+    let mut command_key: Option<&'static str> = None;
+    for key in keys {
+        match key.as_str() {
+            name @ ("execute" | "exec-oob") if name == "execute" || oob_enabled => {
+                if !map[name].is_string() {
+                    return Err(format!("QMP input member '{name}' must be a string"));
+                }
+                if command_key.is_some() {
+                    return Err("QMP input member 'execute' clashes with 'exec-oob'".into());
+                }
+                command_key = Some(if name == "execute" {
+                    "execute"
+                } else {
+                    "exec-oob"
+                });
+            }
+            "arguments" => {
+                if !map["arguments"].is_object() {
+                    return Err("QMP input member 'arguments' must be an object".into());
+                }
+            }
+            "id" => {}
+            other => return Err(format!("QMP input member '{other}' is unexpected")),
+        }
+    }
+    Ok(command_key)
 }
 
 /// True when every member is one a request may have, with the right type, and at most one
