@@ -614,3 +614,65 @@ fn speed() {
          pipelined stream: {stream:?}/request"
     );
 }
+
+/// Timings for bigger inputs (best of several runs), with `serde_json` for comparison:
+/// `cargo test -p qmp-dispatcher --release --lib -- --ignored --nocapture speed`.
+#[test]
+#[ignore]
+fn speed_big() {
+    use std::hint::black_box;
+    use std::time::{Duration, Instant};
+
+    fn best(runs: u32, iters: u32, mut f: impl FnMut()) -> Duration {
+        let mut best = Duration::MAX;
+        for _ in 0..runs {
+            let t = Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            best = best.min(t.elapsed() / iters);
+        }
+        best
+    }
+    fn ours(input: &[u8], chunk: usize) -> usize {
+        let mut dec = JsonDecoder::default();
+        let mut buf = BytesMut::with_capacity(input.len());
+        let mut n = 0;
+        for piece in input.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            while let Some(f) = dec.decode(&mut buf) {
+                assert!(matches!(f, Frame::Value(_)));
+                n += 1;
+                black_box(f);
+            }
+        }
+        n
+    }
+    let args: &[u8] = br#"{"execute":"device_add","arguments":{"driver":"virtio-net-pci","id":"net0","bus":"pci.0","addr":"0x5","mac":"52:54:00:12:34:56","vectors":4,"disable-legacy":true},"id":"__qmp#00002"}"#;
+    let mut big = br#"{"execute":"x","arguments":{"data":""#.to_vec();
+    big.resize(big.len() + (1 << 20), b'a');
+    big.extend_from_slice(br#""}}"#);
+    let mut nested = vec![b'['; 1000];
+    nested.extend(std::iter::repeat_n(b']', 1000));
+    let cases: [(&str, &[u8], u32); 3] = [
+        ("request with arguments", args, 100_000),
+        ("1 MiB string", &big, 100),
+        ("1000-deep array", &nested, 10_000),
+    ];
+    for (name, input, iters) in cases {
+        assert_eq!(ours(input, usize::MAX), 1);
+        let one = best(7, iters, || {
+            black_box(ours(black_box(input), usize::MAX));
+        });
+        let chunked = best(7, iters, || {
+            black_box(ours(black_box(input), 4096));
+        });
+        let serde = best(7, iters, || {
+            let buf = BytesMut::from(black_box(input));
+            black_box(serde_json::from_slice::<Value>(&buf).ok());
+        });
+        println!(
+            "{name}: decode {one:?}, in 4 KiB pieces {chunked:?}, serde_json::from_slice {serde:?}"
+        );
+    }
+}
