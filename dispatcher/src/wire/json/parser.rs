@@ -229,7 +229,7 @@ impl<'a> Parser<'a> {
 }
 
 /// QEMU's number conversion: integers as i64, else u64 (non-negative), else f64.
-fn number(text: &str, integer: bool) -> Value {
+pub(super) fn number(text: &str, integer: bool) -> Value {
     if integer {
         if let Ok(n) = text.parse::<i64>() {
             return Value::Number(n.into());
@@ -257,22 +257,26 @@ pub(super) fn parse(src: &[u8], stack: &mut Vec<Open>) -> Frame {
     let result = p.run(stack);
     stack.clear();
     match result {
-        Ok((value, span)) => {
-            let id = match (&value, span) {
-                (Value::Object(map), Some((s, e))) => match map.get("id") {
-                    // Re-serializing these gives the same text as the span, minus the
-                    // validation pass `RawValue::from_string` would do.
-                    Some(id @ (Value::String(_) | Value::Bool(_) | Value::Null)) => {
-                        serde_json::value::to_raw_value(id).ok()
-                    }
-                    _ => raw_id(&src[s..e]),
-                },
-                _ => None,
-            };
-            Frame::Value(ParsedValue { value, id })
-        }
+        Ok((value, span)) => Frame::Value(finish(value, span, src)),
         Err(desc) => Frame::Error(desc),
     }
+}
+
+/// The parsed value of `src` plus its `id` text, from the span of the top-level `id`
+/// member's value within `src`.
+pub(super) fn finish(value: Value, span: Option<(usize, usize)>, src: &[u8]) -> ParsedValue {
+    let id = match (&value, span) {
+        (Value::Object(map), Some((s, e))) => match map.get("id") {
+            // Re-serializing these gives the same text as the span, minus the
+            // validation pass `RawValue::from_string` would do.
+            Some(id @ (Value::String(_) | Value::Bool(_) | Value::Null)) => {
+                serde_json::value::to_raw_value(id).ok()
+            }
+            _ => raw_id(&src[s..e]),
+        },
+        _ => None,
+    };
+    ParsedValue { value, id }
 }
 
 /// Compact standard JSON for the `id` member's value, keeping member order and number
