@@ -59,6 +59,12 @@ fn plain_len(s: &[u8]) -> usize {
     i
 }
 
+/// `bytes` (all ASCII) as a string.
+#[inline]
+fn ascii_string(bytes: &[u8]) -> String {
+    String::from_utf8(bytes.to_vec()).unwrap_or_default()
+}
+
 #[inline]
 fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | b'\n')
@@ -107,9 +113,7 @@ impl Fast<'_> {
         if self.src.get(end) == Some(&b'"') {
             self.pos = end + 1;
             // Plain ASCII: the bytes are the value.
-            return std::str::from_utf8(&self.src[body..end])
-                .ok()
-                .map(str::to_owned);
+            return Some(ascii_string(&self.src[body..end]));
         }
         // Escapes or non-ASCII: find the end with the lexer's rules, then decode as usual.
         let mut i = end;
