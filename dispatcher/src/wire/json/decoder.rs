@@ -216,6 +216,9 @@ impl JsonDecoder {
                     len.min(self.value_begin().saturating_add(self.limits.max_bytes))
                 };
                 let from = i;
+                if st == DQ {
+                    i += fast::plain_len(&buf[i..stop.max(i)]);
+                }
                 while i < stop && row[buf[i] as usize] == st {
                     i += 1;
                 }

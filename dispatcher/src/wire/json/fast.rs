@@ -32,7 +32,7 @@ static PLAIN: [bool; 256] = plain_table();
 
 /// Length of the leading run of `s` made of printable ASCII other than `"` and `\`.
 #[inline]
-fn plain_len(s: &[u8]) -> usize {
+pub(super) fn plain_len(s: &[u8]) -> usize {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;
     let mut i = 0;

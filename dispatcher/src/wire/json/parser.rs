@@ -10,6 +10,7 @@ use serde_json::map::Entry;
 use serde_json::value::RawValue;
 use serde_json::{Map, Number, Value};
 
+use super::fast::plain_len;
 use super::utf8::decode_string;
 use super::{Frame, ParsedValue};
 
@@ -73,6 +74,9 @@ impl<'a> Parser<'a> {
             b':' => Tok::Colon,
             b',' => Tok::Comma,
             b'"' | b'\'' => {
+                if b == b'"' {
+                    self.pos += plain_len(&self.src[self.pos..]);
+                }
                 while let Some(&c) = self.src.get(self.pos) {
                     self.pos += if c == b'\\' { 2 } else { 1 };
                     if c == b {
