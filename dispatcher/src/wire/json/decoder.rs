@@ -4,7 +4,7 @@
 use bytes::{Buf, BytesMut};
 
 use super::utf8::lossy;
-use super::{Frame, Limits, parser};
+use super::{Frame, Limits, fast, parser};
 
 // Lexer states. `ERR` doubles as "lexical error" when a transition yields it.
 const ERR: u8 = 0;
@@ -189,6 +189,17 @@ impl JsonDecoder {
     /// bytes scanned so far may then have been consumed into the decoder's state.
     /// Whitespace-only input yields `None`.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Option<Frame> {
+        if self.pos == 0 && self.tokens == 0 && !self.discarding && matches!(self.state, START | WS)
+        {
+            // Nothing of a value is pending: try the whole value in one pass.
+            if let Some((value, end)) = fast::decode(buf, &self.limits, &mut self.stack) {
+                self.state = START;
+                self.tok_start = end;
+                self.value_start = end;
+                self.consume(buf, end);
+                return Some(Frame::Value(value));
+            }
+        }
         let len = buf.len();
         let mut i = self.pos.min(len);
         while i < len {
@@ -205,6 +216,9 @@ impl JsonDecoder {
                     len.min(self.value_begin().saturating_add(self.limits.max_bytes))
                 };
                 let from = i;
+                if st == DQ {
+                    i += fast::plain_len(&buf[i..stop.max(i)]);
+                }
                 while i < stop && row[buf[i] as usize] == st {
                     i += 1;
                 }

@@ -10,6 +10,7 @@ use serde_json::map::Entry;
 use serde_json::value::RawValue;
 use serde_json::{Map, Number, Value};
 
+use super::fast::plain_len;
 use super::utf8::decode_string;
 use super::{Frame, ParsedValue};
 
@@ -73,6 +74,9 @@ impl<'a> Parser<'a> {
             b':' => Tok::Colon,
             b',' => Tok::Comma,
             b'"' | b'\'' => {
+                if b == b'"' {
+                    self.pos += plain_len(&self.src[self.pos..]);
+                }
                 while let Some(&c) = self.src.get(self.pos) {
                     self.pos += if c == b'\\' { 2 } else { 1 };
                     if c == b {
@@ -229,7 +233,7 @@ impl<'a> Parser<'a> {
 }
 
 /// QEMU's number conversion: integers as i64, else u64 (non-negative), else f64.
-fn number(text: &str, integer: bool) -> Value {
+pub(super) fn number(text: &str, integer: bool) -> Value {
     if integer {
         if let Ok(n) = text.parse::<i64>() {
             return Value::Number(n.into());
@@ -257,22 +261,38 @@ pub(super) fn parse(src: &[u8], stack: &mut Vec<Open>) -> Frame {
     let result = p.run(stack);
     stack.clear();
     match result {
-        Ok((value, span)) => {
-            let id = match (&value, span) {
-                (Value::Object(map), Some((s, e))) => match map.get("id") {
-                    // Re-serializing these gives the same text as the span, minus the
-                    // validation pass `RawValue::from_string` would do.
-                    Some(id @ (Value::String(_) | Value::Bool(_) | Value::Null)) => {
-                        serde_json::value::to_raw_value(id).ok()
-                    }
-                    _ => raw_id(&src[s..e]),
-                },
-                _ => None,
-            };
-            Frame::Value(ParsedValue { value, id })
-        }
+        Ok((value, span)) => Frame::Value(finish(value, span, src)),
         Err(desc) => Frame::Error(desc),
     }
+}
+
+/// The parsed value of `src` plus its `id` text, from the span of the top-level `id`
+/// member's value within `src`.
+pub(super) fn finish(value: Value, span: Option<(usize, usize)>, src: &[u8]) -> ParsedValue {
+    let id = match (&value, span) {
+        (Value::Object(map), Some((s, e))) => match map.get("id") {
+            // A double-quoted string whose value is as long as its body had no escapes
+            // (each one, like a modified-UTF-8 NUL, is longer than what it stands for),
+            // so it holds no `"`, `\` or control characters and is its own serialization:
+            // quote it (one exact allocation, a quick validation), about half the cost
+            // of `to_raw_value`.
+            Some(Value::String(id)) if e - s == id.len() + 2 && src[s] == b'"' => {
+                let mut text = String::with_capacity(id.len() + 2);
+                text.push('"');
+                text.push_str(id);
+                text.push('"');
+                RawValue::from_string(text).ok()
+            }
+            // Re-serializing these gives the same text as the span, minus the
+            // validation pass `RawValue::from_string` would do.
+            Some(id @ (Value::String(_) | Value::Bool(_) | Value::Null)) => {
+                serde_json::value::to_raw_value(id).ok()
+            }
+            _ => raw_id(&src[s..e]),
+        },
+        _ => None,
+    };
+    ParsedValue { value, id }
 }
 
 /// Compact standard JSON for the `id` member's value, keeping member order and number

@@ -614,3 +614,214 @@ fn speed() {
          pipelined stream: {stream:?}/request"
     );
 }
+
+/// Timings for bigger inputs (best of several runs), with `serde_json` for comparison:
+/// `cargo test -p qmp-dispatcher --release --lib -- --ignored --nocapture speed`.
+#[test]
+#[ignore]
+fn speed_big() {
+    use std::hint::black_box;
+    use std::time::{Duration, Instant};
+
+    fn best(runs: u32, iters: u32, mut f: impl FnMut()) -> Duration {
+        let mut best = Duration::MAX;
+        for _ in 0..runs {
+            let t = Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            best = best.min(t.elapsed() / iters);
+        }
+        best
+    }
+    fn ours(input: &[u8], chunk: usize) -> usize {
+        let mut dec = JsonDecoder::default();
+        let mut buf = BytesMut::with_capacity(input.len());
+        let mut n = 0;
+        for piece in input.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            while let Some(f) = dec.decode(&mut buf) {
+                assert!(matches!(f, Frame::Value(_)));
+                n += 1;
+                black_box(f);
+            }
+        }
+        n
+    }
+    let args: &[u8] = br#"{"execute":"device_add","arguments":{"driver":"virtio-net-pci","id":"net0","bus":"pci.0","addr":"0x5","mac":"52:54:00:12:34:56","vectors":4,"disable-legacy":true},"id":"__qmp#00002"}"#;
+    let mut big = br#"{"execute":"x","arguments":{"data":""#.to_vec();
+    big.resize(big.len() + (1 << 20), b'a');
+    big.extend_from_slice(br#""}}"#);
+    let mut nested = vec![b'['; 1000];
+    nested.extend(std::iter::repeat_n(b']', 1000));
+    let cases: [(&str, &[u8], u32); 3] = [
+        ("request with arguments", args, 100_000),
+        ("1 MiB string", &big, 100),
+        ("1000-deep array", &nested, 10_000),
+    ];
+    for (name, input, iters) in cases {
+        assert_eq!(ours(input, usize::MAX), 1);
+        let one = best(7, iters, || {
+            black_box(ours(black_box(input), usize::MAX));
+        });
+        let chunked = best(7, iters, || {
+            black_box(ours(black_box(input), 4096));
+        });
+        let serde = best(7, iters, || {
+            let buf = BytesMut::from(black_box(input));
+            black_box(serde_json::from_slice::<Value>(&buf).ok());
+        });
+        println!(
+            "{name}: decode {one:?}, in 4 KiB pieces {chunked:?}, serde_json::from_slice {serde:?}"
+        );
+    }
+}
+
+/// Random, mostly well-formed requests (some mutated): the single-pass path, taken when a
+/// whole value is in the buffer, gives the same frames and ids as the general path, which
+/// is all that byte-at-a-time feeding uses.
+#[test]
+fn whole_buffer_matches_byte_at_a_time() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    const KEYS: &[&str] = &[
+        r#""id""#,
+        r#""execute""#,
+        r#""arguments""#,
+        r#""a""#,
+        r#""é""#,
+        r#""x\ny""#,
+        "'id'",
+        r#""i\u0064""#,
+    ];
+    const SCALARS: &[&str] = &[
+        r#""plain""#,
+        r#""__qmp#00001""#,
+        r#""esc\"\\\/\b\f\n\r\t""#,
+        r#""\u00e9\ud83d\ude00""#,
+        "\"caf\u{e9}\"",
+        r#""a\u0000b""#,
+        r#""\ud800""#,
+        r#""\q""#,
+        "\"\x7f\"",
+        "'sq'",
+        "0",
+        "-0",
+        "12",
+        "-3.5",
+        "1e3",
+        "1E+2",
+        "0.5e-3",
+        "1e400",
+        "-1.0",
+        "9223372036854775807",
+        "9223372036854775808",
+        "18446744073709551616",
+        "-9223372036854775809",
+        "true",
+        "false",
+        "null",
+        "nul",
+        "[]",
+        "{}",
+        r#""a long plain string, longer than 8 bytes""#,
+    ];
+    const WS: &[&str] = &["", "", "", " ", "\n", "\t", " \r\n "];
+    fn value(rnd: &mut impl FnMut(usize) -> usize, depth: usize, out: &mut String) {
+        out.push_str(WS[rnd(WS.len())]);
+        match rnd(if depth == 0 { 1 } else { 4 }) {
+            0 => out.push_str(SCALARS[rnd(SCALARS.len())]),
+            1 => {
+                out.push('[');
+                for k in 0..rnd(4) {
+                    if k > 0 {
+                        out.push(',');
+                    }
+                    value(rnd, depth - 1, out);
+                }
+                out.push(']');
+            }
+            _ => {
+                out.push('{');
+                for k in 0..rnd(4) {
+                    if k > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(WS[rnd(WS.len())]);
+                    out.push_str(KEYS[rnd(KEYS.len())]);
+                    out.push_str(WS[rnd(WS.len())]);
+                    out.push(':');
+                    value(rnd, depth - 1, out);
+                }
+                out.push('}');
+            }
+        }
+        out.push_str(WS[rnd(WS.len())]);
+    }
+    let frames = |input: &[u8], limits: Limits, step: usize| {
+        let mut dec = JsonDecoder::new(limits);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for piece in input.chunks(step) {
+            buf.extend_from_slice(piece);
+            while let Some(f) = dec.decode(&mut buf) {
+                out.push(match f {
+                    Frame::Value(v) => {
+                        format!("V:{} id:{:?}", v.value, v.id.map(|r| r.get().to_owned()))
+                    }
+                    Frame::Error(e) => format!("E:{e}"),
+                });
+            }
+        }
+        out
+    };
+    const ALPHABET: &[u8] = b"{}[]:,\"'\\ 01-.eEx\x00\xc3\xff";
+    let mut values = 0;
+    for round in 0..20_000 {
+        let mut text = String::new();
+        for _ in 0..1 + rnd(3) {
+            text.push('{');
+            text.push_str(r#""execute":"x","id":"#);
+            value(&mut rnd, 3, &mut text);
+            text.push(',');
+            text.push_str(KEYS[rnd(KEYS.len())]);
+            text.push(':');
+            value(&mut rnd, 3, &mut text);
+            text.push('}');
+        }
+        let mut input = text.into_bytes();
+        if round % 3 == 0 {
+            let at = rnd(input.len());
+            match rnd(3) {
+                0 => input[at] = ALPHABET[rnd(ALPHABET.len())],
+                1 => {
+                    input.remove(at);
+                }
+                _ => input.insert(at, ALPHABET[rnd(ALPHABET.len())]),
+            }
+        }
+        let limits = if round % 2 == 0 {
+            Limits::default()
+        } else {
+            Limits {
+                max_nesting: 1 + rnd(5),
+                max_tokens: 1 + rnd(40),
+                max_bytes: 1 + rnd(120),
+            }
+        };
+        let whole = frames(&input, limits, usize::MAX);
+        values += whole.iter().filter(|f| f.starts_with("V:")).count();
+        assert_eq!(
+            whole,
+            frames(&input, limits, 1),
+            "for {:?}",
+            String::from_utf8_lossy(&input)
+        );
+    }
+    assert!(values > 10_000, "only {values} values");
+}

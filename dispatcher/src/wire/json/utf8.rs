@@ -5,6 +5,8 @@
 //! Error texts also depend on how many bytes one invalid sequence swallows, so this mirrors
 //! that decoder's behaviour exactly.
 
+use super::fast::plain_len;
+
 /// Smallest code point for a sequence of 2..=6 bytes; smaller ones are overlong.
 const MIN_CP: [u32; 5] = [0x80, 0x800, 0x1_0000, 0x20_0000, 0x400_0000];
 
@@ -91,9 +93,9 @@ fn hex4(tok: &[u8], at: usize) -> i64 {
 pub(super) fn decode_string(tok: &[u8]) -> Result<String, String> {
     let body = &tok[1..tok.len().saturating_sub(1).max(1)];
     // Common case: plain ASCII without escapes is its own value.
-    if body.iter().all(|&b| b < 0x80 && b != b'\\') {
-        if let Ok(s) = std::str::from_utf8(body) {
-            return Ok(s.to_owned());
+    if plain_len(body) == body.len() {
+        if let Ok(s) = String::from_utf8(body.to_vec()) {
+            return Ok(s);
         }
     }
     let quote = tok[0];
