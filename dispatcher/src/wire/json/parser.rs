@@ -87,13 +87,18 @@ impl<'a> Parser<'a> {
                 Tok::Str
             }
             b'-' | b'0'..=b'9' => {
-                let mut float = false;
+                // JSON's number grammar, as the lexer cut it: a sign only first or right
+                // after the exponent marker, one exponent. `[1-2]` is two numbers.
+                let (mut float, mut exponent, mut prev) = (false, false, b);
                 while let Some(&c) = self.src.get(self.pos) {
                     match c {
-                        b'0'..=b'9' | b'-' | b'+' => {}
-                        b'.' | b'e' | b'E' => float = true,
+                        b'0'..=b'9' => {}
+                        b'-' | b'+' if matches!(prev, b'e' | b'E') => {}
+                        b'.' if !float => float = true,
+                        b'e' | b'E' if !exponent => (float, exponent) = (true, true),
                         _ => break,
                     }
+                    prev = c;
                     self.pos += 1;
                 }
                 if float { Tok::Float } else { Tok::Int }

@@ -162,6 +162,10 @@ fn grammar_errors() {
         (b"{\"a\":1,\"a\":[1 2]}", &["expected separator in list"]),
         (b"nul ", &["invalid keyword 'nul'"]),
         (b"[truee]", &["invalid keyword 'truee'"]),
+        // The lexer cuts these into two tokens; the parser must see two values too.
+        (b"[1-2]", &["expected separator in list"]),
+        (b"[1e5e5]", &["expected separator in list"]),
+        (b"[1.5-0]", &["expected separator in list"]),
     ];
     for (input, errs) in cases {
         let mut input = input.to_vec();
