@@ -4,18 +4,18 @@
 //!
 //! Decoding runs over the caller's buffer, without copying it:
 //!
-//! 0. [`fast`]: when no value is pending and the buffer holds a complete object or array of
+//! 0. `fast`: when no value is pending and the buffer holds a complete object or array of
 //!    standard JSON (double quotes only) within the limits and without any error, it is
 //!    lexed and built in a single pass. Anything else makes this stage give up before
 //!    consuming anything, and the two general stages below handle the input instead, so
 //!    behaviour is theirs in every case (the `whole_buffer_matches_byte_at_a_time` test
 //!    checks this by feeding the same inputs whole and byte by byte).
-//! 1. [`decoder`]: a byte-level state machine with the same transition table as QEMU's
+//! 1. `decoder`: a byte-level state machine with the same transition table as QEMU's
 //!    JSON lexer, plus the streamer's bracket counting and limits. It finds where a value
 //!    ends (or where a lexical or limit error occurs) and checks every token on the way,
 //!    keeping its state across calls so a stream fed in any split is scanned once (O(n)).
 //!    String bodies take a tight fast path.
-//! 2. [`parser`]: once a value is complete, its bytes (known to be lexically valid) are
+//! 2. `parser`: once a value is complete, its bytes (known to be lexically valid) are
 //!    parsed by an iterative grammar stage that builds the [`serde_json::Value`] directly,
 //!    reporting QEMU's first grammar error.
 //!
