@@ -129,8 +129,9 @@ pub struct Config {
     pub limits: Limits,
     /// Connected clients per server; further connections wait in the listen backlog.
     pub max_clients: usize,
-    /// A client whose unread output exceeds this (it does not read its events) is
-    /// disconnected.
+    /// A client whose unread output would exceed this because of events (it does not read
+    /// them) is disconnected. Replies never count against it: they are bounded by the
+    /// in-flight cap and by reading pausing at `output_high_water`.
     pub max_pending_output: usize,
     /// Reading from a client pauses while this much of its output is unsent.
     pub output_high_water: usize,

@@ -45,7 +45,6 @@ pub(crate) async fn serve<T: Transport>(
     tokio::pin!(stopping);
     let mut input = BytesMut::with_capacity(8192);
     let mut eof = false;
-    let config = &shared.config;
 
     // Whether the last turn waited with reading suspended (a legacy command running, the
     // in-flight cap reached): if so the client may have left meanwhile.
@@ -84,7 +83,7 @@ pub(crate) async fn serve<T: Transport>(
                 break;
             }
         }
-        if session.lagged || session.out.len() > config.max_pending_output {
+        if session.lagged {
             break End::TooSlow;
         }
         if eof && input_exhausted && !session.has_pending() && session.out.is_empty() {

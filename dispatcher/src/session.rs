@@ -166,6 +166,13 @@ impl Session {
             Outgoing::Event(line) => {
                 if let Some(subscription) = &self.events {
                     subscription.delivered();
+                    // Only events can pile up unasked: replies are bounded by the in-flight
+                    // cap and by reading pausing at `output_high_water`, so a large reply
+                    // never counts against a client.
+                    if self.out.len() + line.len() > self.shared.config.max_pending_output {
+                        self.lagged = true;
+                        return;
+                    }
                     self.out.extend_from_slice(&line);
                 }
             }
