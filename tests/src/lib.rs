@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: a server on a real Unix socket with test
 //! commands, and a raw QMP client that speaks bytes and checks lines.
 
+pub mod fuzz_checks;
 pub mod transcript;
 
 use std::collections::HashMap;
