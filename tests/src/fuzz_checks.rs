@@ -291,9 +291,9 @@ where
     output
 }
 
-/// Limits of the fuzzed server: small, so limits, backpressure and the in-flight cap are all
-/// reached by short inputs.
-fn fuzz_server(holds: &Holds) -> Server {
+/// A server with [`fuzz_registry`]'s commands and small limits, so limits, backpressure and
+/// the in-flight cap are all reached by short inputs.
+pub fn fuzz_server(holds: &Holds) -> Server {
     Server::builder(fuzz_registry(holds))
         .limits(Limits {
             max_nesting: 32,
@@ -305,26 +305,17 @@ fn fuzz_server(holds: &Holds) -> Server {
         .build()
 }
 
-/// The session fuzz check: serves one client over an in-memory stream, feeds it the input in
-/// seeded chunks, half-closes and reads to the end. Every output line must be a complete JSON
-/// object, the first the greeting and the others replies, exactly one per input frame; the
-/// session must end, and leave nothing in flight and no `QmpReturn` alive.
-pub fn check_session(data: &[u8]) {
-    let Some((&seed, stream)) = data.split_first() else {
-        return;
-    };
-    install_panic_filter();
-    let holds = Holds::default();
-    let server = fuzz_server(&holds);
-    let expected_replies = decode_chunks(server.config().limits, &[stream]).len();
-    let chunks = Splits::new(seed).chunks(stream);
-    let output = paused_runtime().block_on(async {
+/// Serves one client of `server` over an in-memory stream in a paused-time runtime: writes
+/// `chunks`, half-closes and reads to the end, while parked `hold`s are released. Panics if
+/// the session hangs, or leaves commands in flight or `QmpReturn`s alive. Returns the output.
+pub fn serve_chunks(server: &Server, holds: &Holds, chunks: &[&[u8]]) -> Vec<u8> {
+    paused_runtime().block_on(async {
         let releaser = tokio::spawn(release_holds(holds.clone()));
         let (client_end, server_end) = tokio::io::duplex(256);
         let serving = server.clone();
         let connection =
             tokio::spawn(async move { serving.serve_connection(ByteStream(server_end)).await });
-        let output = tokio::time::timeout(HANG_AFTER, converse(client_end, &chunks))
+        let output = tokio::time::timeout(HANG_AFTER, converse(client_end, chunks))
             .await
             .expect("the session hung after its input ended");
         connection.await.expect("the connection task panicked");
@@ -338,22 +329,47 @@ pub fn check_session(data: &[u8]) {
             "the session left state behind: {stats:?}"
         );
         output
-    });
-    let lines = split_lines(&output, b"\r\n");
-    let (greeting, replies) = lines.split_first().expect("no greeting");
-    assert!(json_object(greeting).contains_key("QMP"), "no greeting");
-    for reply in replies {
-        let reply = json_object(reply);
-        assert!(
-            reply.contains_key("return") != reply.contains_key("error"),
-            "not a reply: {reply:?}"
-        );
-    }
+    })
+}
+
+/// The session fuzz check: serves one client of [`fuzz_server`] the input in seeded chunks,
+/// then half-closes. Every output line must be a complete JSON object, the first the greeting
+/// and the others replies, exactly one per input frame; the session must end, and leave
+/// nothing in flight and no `QmpReturn` alive.
+pub fn check_session(data: &[u8]) {
+    let Some((&seed, stream)) = data.split_first() else {
+        return;
+    };
+    install_panic_filter();
+    let holds = Holds::default();
+    let server = fuzz_server(&holds);
+    let expected_replies = decode_chunks(server.config().limits, &[stream]).len();
+    let output = serve_chunks(&server, &holds, &Splits::new(seed).chunks(stream));
+    let replies = session_replies(&output);
     assert_eq!(
         replies.len(),
         expected_replies,
         "one reply per input frame expected"
     );
+}
+
+/// Checks a QMP session's output (complete CRLF lines, the greeting, then replies only) and
+/// returns the replies.
+pub fn session_replies(output: &[u8]) -> Vec<Map<String, Value>> {
+    let lines = split_lines(output, b"\r\n");
+    let (greeting, replies) = lines.split_first().expect("no greeting");
+    assert!(json_object(greeting).contains_key("QMP"), "no greeting");
+    replies
+        .iter()
+        .map(|line| {
+            let reply = json_object(line);
+            assert!(
+                reply.contains_key("return") != reply.contains_key("error"),
+                "not a reply: {reply:?}"
+            );
+            reply
+        })
+        .collect()
 }
 
 /// Splits output into lines ending in `ending`; panics on a trailing partial line.

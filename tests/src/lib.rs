@@ -114,6 +114,11 @@ impl Holds {
         .unwrap_or_else(|_| panic!("{key} never saw its cancellation"));
     }
 
+    /// Takes every parked return out, with its key.
+    pub fn take_all(&self) -> Vec<(String, QmpReturn)> {
+        self.parked.lock().unwrap().drain().collect()
+    }
+
     /// Number of returns currently parked.
     pub fn parked(&self) -> usize {
         self.parked.lock().unwrap().len()
