@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: a server on a real Unix socket with test
 //! commands, and a raw QMP client that speaks bytes and checks lines.
 
+pub mod fuzz_checks;
 pub mod transcript;
 pub mod venv;
 
@@ -112,6 +113,11 @@ impl Holds {
         })
         .await
         .unwrap_or_else(|_| panic!("{key} never saw its cancellation"));
+    }
+
+    /// Takes every parked return out, with its key.
+    pub fn take_all(&self) -> Vec<(String, QmpReturn)> {
+        self.parked.lock().unwrap().drain().collect()
     }
 
     /// Number of returns currently parked.
