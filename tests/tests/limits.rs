@@ -157,9 +157,8 @@ async fn the_socket_is_created_owner_only() {
     assert_eq!(std::fs::read(&file).unwrap(), b"data");
 }
 
-/// Finding: one reply larger than `max_pending_output` disconnects the client even though
-/// it reads everything, because the limit is checked before any output is written. Ignored
-/// until the connection task tells "does not read" from "one large reply".
+/// A reply larger than `max_pending_output` still reaches a client that reads: the limit
+/// polices events a client does not read, not the replies it asked for.
 #[tokio::test]
 async fn a_reading_client_gets_a_reply_larger_than_max_pending_output() {
     let server = TestServer::start_with(|b| b.max_pending_output(64 * 1024)).await;
