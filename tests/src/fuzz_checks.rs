@@ -11,15 +11,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 use qmp_dispatcher::wire::{Frame, JsonDecoder, Limits};
 use qmp_dispatcher::{ByteStream, Command, NoArgs, QmpError, QmpReturn, Registry, Server};
-use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::Holds;
-
-/// Panic messages of the fuzz commands that panic on purpose.
-const HANDLER_PANIC: &str = "fuzz handler panics on purpose";
-const FUTURE_PANIC: &str = "fuzz future panics on purpose";
+use crate::{FUTURE_PANIC, HANDLER_PANIC, Holds};
 
 /// Virtual time a session may take after its input ended before it counts as hung. Time is
 /// paused and auto-advanced, so this costs no real time; the longest command sleeps an hour.
@@ -139,78 +134,12 @@ pub fn check_decoder(data: &[u8]) {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HoldArgs {
-    key: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DelayArgs {
-    ms: u64,
-}
-
-/// Commands for fuzzing sessions: like [`crate::test_commands`], but `x-delay` sleeps at most
-/// an hour (so a session that outlives [`HANG_AFTER`] is hung, not slow), and the panics
-/// carry messages [`install_panic_filter`] recognises.
+/// Commands for fuzzing sessions: [`crate::test_commands`], whose `x-delay` sleeps at most an
+/// hour (so a session that outlives [`HANG_AFTER`] is hung, not slow) and whose panics carry
+/// messages [`install_panic_filter`] recognises.
 pub fn fuzz_registry(holds: &Holds) -> Registry {
-    let holds = holds.clone();
     let mut builder = Registry::builder();
-    builder
-        .add(Command::raw(
-            "echo",
-            |arguments: Map<String, Value>, ret: QmpReturn| ret.ok(&arguments),
-        ))
-        .unwrap()
-        .add(Command::sync("fail", |_: NoArgs| -> Result<(), QmpError> {
-            Err(QmpError::device_not_found("Device 'nope' not found"))
-        }))
-        .unwrap()
-        .add(Command::deferred(
-            "hold",
-            move |args: HoldArgs, ret: QmpReturn| {
-                let token = ret.cancellation_token();
-                let holds = holds.clone();
-                holds.parked.lock().unwrap().insert(args.key.clone(), ret);
-                holds.notify.notify_waiters();
-                tokio::spawn(async move {
-                    token.cancelled().await;
-                    holds.parked.lock().unwrap().remove(&args.key);
-                });
-            },
-        ))
-        .unwrap()
-        .add(Command::async_fn("x-delay", |args: DelayArgs| async move {
-            tokio::time::sleep(Duration::from_millis(args.ms.min(3_600_000))).await;
-            Ok(json!({}))
-        }))
-        .unwrap()
-        .add(Command::sync(
-            "panic",
-            |_: NoArgs| -> Result<(), QmpError> { panic!("{HANDLER_PANIC}") },
-        ))
-        .unwrap()
-        .add(Command::async_fn("async-panic", |_: NoArgs| async move {
-            tokio::task::yield_now().await;
-            if true {
-                panic!("{FUTURE_PANIC}");
-            }
-            Ok(())
-        }))
-        .unwrap()
-        .add(Command::deferred("forget", |_: NoArgs, ret: QmpReturn| {
-            drop(ret)
-        }))
-        .unwrap()
-        .add(
-            Command::raw(
-                "oob-echo",
-                |arguments: Map<String, Value>, ret: QmpReturn| ret.ok(&arguments),
-            )
-            .allow_oob(),
-        )
-        .unwrap();
+    crate::test_commands(&mut builder, holds);
     builder.build()
 }
 

@@ -126,6 +126,11 @@ impl Holds {
     }
 }
 
+/// The panic message of the `panic` test command.
+pub const HANDLER_PANIC: &str = "test handler panics on purpose";
+/// The panic message of the `async-panic` test command.
+pub const FUTURE_PANIC: &str = "test future panics on purpose";
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HoldArgs {
@@ -142,7 +147,7 @@ struct DelayArgs {
 /// - `echo`: returns its arguments;
 /// - `fail`: a `DeviceNotFound` error;
 /// - `hold {key}`: deferred; parks its `QmpReturn` in [`Holds`] and records cancellation;
-/// - `x-delay {ms}`: an async fn that sleeps;
+/// - `x-delay {ms}`: an async fn that sleeps (an hour at most);
 /// - `panic`: a handler that panics; `async-panic`: one that panics in its future;
 /// - `forget`: drops its `QmpReturn` without replying;
 /// - `oob-echo`: allow-oob echo;
@@ -177,19 +182,20 @@ pub fn test_commands(builder: &mut RegistryBuilder, holds: &Holds) {
         ))
         .unwrap()
         .add(Command::async_fn("x-delay", |args: DelayArgs| async move {
-            tokio::time::sleep(Duration::from_millis(args.ms)).await;
+            // At most an hour, so a fuzzed session that outlives a day is hung, not slow.
+            tokio::time::sleep(Duration::from_millis(args.ms.min(3_600_000))).await;
             Ok(json!({}))
         }))
         .unwrap()
         .add(Command::sync(
             "panic",
-            |_: NoArgs| -> Result<(), QmpError> { panic!("test handler panics") },
+            |_: NoArgs| -> Result<(), QmpError> { panic!("{HANDLER_PANIC}") },
         ))
         .unwrap()
         .add(Command::async_fn("async-panic", |_: NoArgs| async move {
             tokio::task::yield_now().await;
             if true {
-                panic!("test future panics");
+                panic!("{FUTURE_PANIC}");
             }
             Ok(())
         }))
