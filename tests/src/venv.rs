@@ -33,3 +33,32 @@ pub async fn python() -> PathBuf {
     );
     python
 }
+
+/// How long one Python client script may run before it counts as hung.
+pub const SCRIPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs `tests/python/<script> ARGS...` with [`python`]; panics with its output, and with
+/// `context()` (e.g. the server's log), unless it succeeds.
+pub async fn run_script(script: &str, args: &[&Path], context: impl FnOnce() -> String) {
+    let python = python().await;
+    let start = std::time::Instant::now();
+    let run = Command::new(&python)
+        .arg(workspace().join("tests/python").join(script))
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(SCRIPT_TIMEOUT, run)
+        .await
+        .unwrap_or_else(|_| panic!("{script} did not finish in {SCRIPT_TIMEOUT:?}"))
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{script} failed ({}):\n--- stdout\n{stdout}--- stderr\n{stderr}{}",
+        output.status,
+        context()
+    );
+    eprint!("{stdout}{stderr}");
+    eprintln!("{script}: {:?}", start.elapsed());
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use qmp_tests::venv::{python, workspace};
+use qmp_tests::venv::{self, python, workspace};
 use qmp_tests::{Client, Scratch, return_reply};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
@@ -145,31 +145,14 @@ impl Demo {
         self.shots.join(name)
     }
 
-    /// Runs `tests/python/<script> QMP_SOCKET [SHOTS_DIR]`; panics with its output unless it
-    /// succeeds.
+    /// Runs `tests/python/<script> QMP_SOCKET [SHOTS_DIR]`; panics with its output and the
+    /// demo's log unless it succeeds.
     async fn run_script(&self, script: &str, with_shots: bool) {
-        let python = python().await;
-        let start = Instant::now();
-        let run = Command::new(&python)
-            .arg(workspace().join("tests/python").join(script))
-            .arg(&self.qmp)
-            .args(with_shots.then_some(&self.shots))
-            .kill_on_drop(true)
-            .output();
-        let output = tokio::time::timeout(SCRIPT_TIMEOUT, run)
-            .await
-            .unwrap_or_else(|_| panic!("{script} did not finish in {SCRIPT_TIMEOUT:?}"))
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            output.status.success(),
-            "{script} failed ({}):\n--- stdout\n{stdout}--- stderr\n{stderr}--- qmp-demo\n{}",
-            output.status,
-            self.log()
-        );
-        eprint!("{stdout}{stderr}");
-        eprintln!("{script}: {:?}", start.elapsed());
+        let mut args = vec![self.qmp.as_path()];
+        if with_shots {
+            args.push(&self.shots);
+        }
+        venv::run_script(script, &args, || format!("--- qmp-demo\n{}", self.log())).await;
     }
 
     /// Feeds `input` to `qmp-shell [flags] SOCKET` and returns what it printed.

@@ -4,15 +4,12 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use qmp_tests::venv::{python, workspace};
+use qmp_tests::venv;
 use qmp_tests::{Scratch, TestServer};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-
-/// A Python script's budget: generous, a hung client must not hang CI.
-const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// `qmp-test-server` running on a socket in a scratch directory.
 struct ServerProcess {
@@ -53,27 +50,7 @@ impl ServerProcess {
 
     /// Runs `tests/python/<script> SOCKET`; panics with its output unless it succeeds.
     async fn run_script(&self, script: &str) {
-        let python = python().await;
-        let path = workspace().join("tests/python").join(script);
-        let start = Instant::now();
-        let run = Command::new(&python)
-            .arg(&path)
-            .arg(&self.socket)
-            .kill_on_drop(true)
-            .output();
-        let output = tokio::time::timeout(SCRIPT_TIMEOUT, run)
-            .await
-            .unwrap_or_else(|_| panic!("{script} did not finish in {SCRIPT_TIMEOUT:?}"))
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            output.status.success(),
-            "{script} failed ({}):\n--- stdout\n{stdout}--- stderr\n{stderr}",
-            output.status
-        );
-        eprint!("{stdout}{stderr}");
-        eprintln!("{script}: {:?}", start.elapsed());
+        venv::run_script(script, &[self.socket.as_path()], String::new).await;
     }
 
     /// SIGTERM, as a service manager would stop it: exits cleanly and removes its socket.
