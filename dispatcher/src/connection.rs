@@ -32,7 +32,6 @@ pub(crate) enum End {
 pub(crate) async fn serve<T: Transport>(
     shared: Arc<Shared>,
     transport: T,
-    decoder: &mut JsonDecoder,
     shutdown: CancellationToken,
     client: u64,
 ) -> End {
@@ -43,6 +42,8 @@ pub(crate) async fn serve<T: Transport>(
     // Pinned once: a fresh `cancelled()` per loop turn would register with the token anew.
     let stopping = cancel.cancelled();
     tokio::pin!(stopping);
+    // Fresh per connection, as QEMU's monitor re-creates its parser on every connect.
+    let mut decoder = JsonDecoder::new(shared.config.limits);
     let mut input = BytesMut::with_capacity(8192);
     let mut eof = false;
 
@@ -90,7 +91,8 @@ pub(crate) async fn serve<T: Transport>(
             break End::Finished;
         }
 
-        was_suspended = !session.can_read();
+        let suspended = !session.can_read();
+        was_suspended = suspended;
         tokio::select! {
             biased;
             () = &mut stopping => break End::Shutdown,
@@ -106,7 +108,7 @@ pub(crate) async fn serve<T: Transport>(
             Some(message) = outbox.recv() => session.on_outgoing(message),
             // While reading is suspended (or after EOF) the input is only watched for the
             // client leaving, so its commands are cancelled without waiting for them.
-            read = read_or_watch::<T>(&mut reader, &mut input, eof || !session.can_read()) => match read {
+            read = read_or_watch::<T>(&mut reader, &mut input, eof || suspended) => match read {
                 Input::Eof => eof = true,
                 Input::Data => {}
                 Input::Departed => break End::Departed,

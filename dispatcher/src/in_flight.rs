@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use serde_json::value::RawValue;
@@ -31,11 +32,13 @@ pub(crate) struct Entry {
 }
 
 /// Slab of a client's in-flight commands, with an index by id for async clients.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct InFlight {
     entries: Slab<Entry>,
     by_id: HashMap<String, usize>,
     next_seq: u64,
+    /// The server-wide total in `Stats`, kept in step with `entries` here and nowhere else.
+    total: Arc<AtomicUsize>,
 }
 
 /// What to record for a newly dispatched command.
@@ -51,6 +54,16 @@ pub(crate) struct NewEntry {
 }
 
 impl InFlight {
+    /// An empty table whose entries also count in the server-wide `total`.
+    pub(crate) fn new(total: Arc<AtomicUsize>) -> Self {
+        InFlight {
+            entries: Slab::new(),
+            by_id: HashMap::new(),
+            next_seq: 0,
+            total,
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
@@ -82,6 +95,7 @@ impl InFlight {
         if let Some(id_key) = indexed_key {
             self.by_id.insert(id_key, key);
         }
+        self.total.fetch_add(1, Ordering::Relaxed);
         Ticket { key, seq }
     }
 
@@ -96,6 +110,7 @@ impl InFlight {
         if let (true, Some(id_key)) = (entry.indexed, &entry.id_key) {
             self.by_id.remove(id_key);
         }
+        self.total.fetch_sub(1, Ordering::Relaxed);
         Some(entry)
     }
 
@@ -125,6 +140,7 @@ impl InFlight {
 
     /// Cancels and forgets everything: the client is gone.
     pub(crate) fn cancel_all(&mut self) {
+        self.total.fetch_sub(self.entries.len(), Ordering::Relaxed);
         for entry in self.entries.drain() {
             entry.cancel.cancel();
         }

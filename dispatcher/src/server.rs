@@ -17,7 +17,7 @@ use crate::events::{Events, Throttle};
 use crate::registry::Registry;
 use crate::session::{Counters, Shared};
 use crate::transport::Transport;
-use crate::wire::{JsonDecoder, Limits};
+use crate::wire::Limits;
 
 /// A QMP server: a registry of commands served to any number of clients, each with its own
 /// session. Cheap to clone; every clone is the same server.
@@ -250,7 +250,6 @@ impl Server {
     /// whose parser outlives clients (the guest agent) keeps one connection and attaches
     /// clients to its transport instead; see `qmp-qga`.
     pub async fn serve_connection<T: Transport>(&self, transport: T) {
-        let mut decoder = JsonDecoder::new(self.shared.config.limits);
         let client = self
             .shared
             .counters
@@ -263,7 +262,6 @@ impl Server {
         let end = connection::serve(
             Arc::clone(&self.shared),
             transport,
-            &mut decoder,
             self.shutdown.clone(),
             client,
         )

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 
 use bytes::BytesMut;
 use serde_json::value::RawValue;
@@ -38,7 +38,7 @@ pub(crate) struct Shared {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) clients: AtomicUsize,
-    pub(crate) in_flight: AtomicUsize,
+    pub(crate) in_flight: Arc<AtomicUsize>,
     pub(crate) live_returns: Arc<AtomicUsize>,
     pub(crate) next_client: AtomicU64,
 }
@@ -89,7 +89,7 @@ impl Session {
             negotiated: !dialect.negotiation,
             oob: false,
             async_mode: false,
-            in_flight: InFlight::default(),
+            in_flight: InFlight::new(Arc::clone(&shared.counters.in_flight)),
             backlog: VecDeque::new(),
             running: None,
             out: BytesMut::with_capacity(4096),
@@ -185,10 +185,6 @@ impl Session {
         let Some(entry) = self.in_flight.take(completion.ticket) else {
             return; // Cancelled: the reply has nobody to go to.
         };
-        self.shared
-            .counters
-            .in_flight
-            .fetch_sub(1, Ordering::Relaxed);
         let ending = self.shared.config.dialect.line_ending;
         match completion.outcome {
             Outcome::Return { .. } if entry.silent_success => {}
@@ -212,10 +208,6 @@ impl Session {
     pub(crate) fn close(&mut self) {
         let cancelled = self.in_flight.len();
         self.in_flight.cancel_all();
-        self.shared
-            .counters
-            .in_flight
-            .fetch_sub(cancelled, Ordering::Relaxed);
         self.backlog.clear();
         self.running = None;
         self.events = None;
@@ -327,7 +319,6 @@ impl Session {
             silent_success: command.silent_success,
             indexed: self.async_mode,
         });
-        shared.counters.in_flight.fetch_add(1, Ordering::Relaxed);
         let ret = QmpReturn::new(
             self.outbox.clone(),
             ticket,
@@ -494,10 +485,6 @@ impl Session {
                 "No command with id {id_key} is in flight"
             )));
         };
-        self.shared
-            .counters
-            .in_flight
-            .fetch_sub(1, Ordering::Relaxed);
         entry.cancel.cancel();
         tracing::debug!(client = self.client, cmd = %entry.command, "command cancelled by the client");
         let error = QmpError::generic(format!("Command {} has been cancelled", entry.command));
