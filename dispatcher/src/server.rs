@@ -285,6 +285,12 @@ impl Server {
         &self.shared.events
     }
 
+    /// What this server's connections share, for the session's own tests.
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// The command table, to disable or enable commands at run time.
     pub fn registry(&self) -> &Registry {
         &self.shared.registry

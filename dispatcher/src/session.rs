@@ -546,3 +546,321 @@ fn row(entry: &in_flight::Entry) -> InFlightRow<'_> {
         oob: entry.oob,
     }
 }
+
+/// The session's rules, driven synchronously without sockets: frames in, messages out.
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use bytes::BytesMut;
+    use serde_json::json;
+    use tokio_util::codec::{Decoder, Encoder};
+
+    use super::*;
+    use crate::wire::{Limits, LineEnding, QmpCodec};
+    use crate::{Command, Registry, Server, ServerBuilder};
+
+    /// Returns parked by the `park` command, by request key.
+    type Parked = Arc<Mutex<Vec<QmpReturn>>>;
+
+    struct Harness {
+        session: Session,
+        outbox: mpsc::UnboundedReceiver<Outgoing>,
+        codec: QmpCodec,
+        parked: Parked,
+        cancel: CancellationToken,
+        _server: Server,
+    }
+
+    impl Harness {
+        fn new(configure: impl FnOnce(ServerBuilder) -> ServerBuilder) -> Harness {
+            let parked: Parked = Arc::default();
+            let keep = Arc::clone(&parked);
+            let mut registry = Registry::builder();
+            registry
+                .add(Command::raw("park", move |_, ret: QmpReturn| {
+                    keep.lock().unwrap().push(ret)
+                }))
+                .unwrap()
+                .add(
+                    Command::raw("echo", |args: Map<String, Value>, ret: QmpReturn| {
+                        ret.ok(&args)
+                    })
+                    .allow_oob(),
+                )
+                .unwrap();
+            let server = configure(Server::builder(registry.build())).build();
+            let (tx, outbox) = mpsc::unbounded_channel();
+            let cancel = CancellationToken::new();
+            let session = Session::new(Arc::clone(server.shared()), 0, tx, cancel.clone());
+            let mut harness = Harness {
+                session,
+                outbox,
+                codec: QmpCodec::new(Limits::default(), LineEnding::Lf),
+                parked,
+                cancel,
+                _server: server,
+            };
+            let greeting = harness.output();
+            assert!(greeting[0].get("QMP").is_some(), "{greeting:?}");
+            harness
+        }
+
+        fn negotiated(
+            caps: &[&str],
+            configure: impl FnOnce(ServerBuilder) -> ServerBuilder,
+        ) -> Self {
+            let mut harness = Harness::new(configure);
+            harness.send(&json!({"execute": "qmp_capabilities", "arguments": {"enable": caps}}));
+            assert_eq!(harness.output(), [json!({"return": {}})]);
+            harness
+        }
+
+        /// Feeds raw input text, frame by frame, as the connection would while the session
+        /// wants input; returns how many bytes were left undecoded.
+        fn feed(&mut self, text: &str) -> usize {
+            let mut input = BytesMut::from(text.as_bytes());
+            while self.session.wants_input() {
+                match self.codec.decode(&mut input).unwrap() {
+                    Some(frame) => self.session.on_frame(frame),
+                    None => break,
+                }
+                self.deliver();
+            }
+            input.len()
+        }
+
+        fn send(&mut self, request: &Value) {
+            assert_eq!(self.feed(&request.to_string()), 0, "not taken: {request}");
+        }
+
+        /// Hands every outbox message to the session.
+        fn deliver(&mut self) {
+            while let Ok(message) = self.outbox.try_recv() {
+                self.session.on_outgoing(message);
+            }
+        }
+
+        /// Everything the session has to say now, as JSON values.
+        fn output(&mut self) -> Vec<Value> {
+            self.deliver();
+            let mut bytes = BytesMut::new();
+            while let Some(message) = self.session.next_output() {
+                self.codec.encode(message, &mut bytes).unwrap();
+            }
+            bytes[..]
+                .split(|&b| b == b'\n')
+                .filter(|line| !line.is_empty())
+                .map(|line| serde_json::from_slice(line).unwrap())
+                .collect()
+        }
+
+        fn release(&mut self, index: usize, value: Value) {
+            let ret = self.parked.lock().unwrap().remove(index);
+            ret.ok(&value);
+        }
+    }
+
+    fn error(id: Option<Value>, desc: &str) -> Value {
+        let mut reply = json!({"error": {"class": "GenericError", "desc": desc}});
+        if let Some(id) = id {
+            reply["id"] = id;
+        }
+        reply
+    }
+
+    #[test]
+    fn negotiation_comes_first_and_once() {
+        let mut h = Harness::new(|b| b);
+        h.send(&json!({"execute": "echo", "id": 1}));
+        assert_eq!(
+            h.output(),
+            [json!({"id": 1, "error": {"class": "CommandNotFound",
+                "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}})]
+        );
+        h.send(&json!({"execute": "qmp_capabilities", "arguments": {"enable": ["bogus"]}}));
+        assert_eq!(
+            h.output(),
+            [error(
+                None,
+                "Parameter 'null' does not accept value 'bogus'"
+            )]
+        );
+        h.send(&json!({"execute": "qmp_capabilities"}));
+        h.send(&json!({"execute": "qmp_capabilities"}));
+        assert_eq!(
+            h.output(),
+            [
+                json!({"return": {}}),
+                json!({"error": {"class": "CommandNotFound",
+                    "desc": "Capabilities negotiation is already complete, command ignored"}})
+            ]
+        );
+    }
+
+    #[test]
+    fn a_legacy_client_is_suspended_while_its_command_runs() {
+        let mut h = Harness::negotiated(&[], |b| b);
+        let rest = h.feed(r#"{"execute":"park","id":1}{"execute":"echo","id":2}"#);
+        assert!(
+            rest > 0,
+            "the second request is not decoded while the first runs"
+        );
+        assert!(!h.session.wants_input());
+        assert_eq!(h.output(), Vec::<Value>::new());
+        h.release(0, json!("one"));
+        assert_eq!(h.output(), [json!({"return": "one", "id": 1})]);
+        assert!(h.session.wants_input());
+        h.feed(r#"{"execute":"echo","id":2}"#);
+        assert_eq!(h.output(), [json!({"return": {}, "id": 2})]);
+    }
+
+    #[test]
+    fn legacy_oob_queues_eight_and_exec_oob_overtakes() {
+        let mut h = Harness::negotiated(&["oob"], |b| b);
+        for i in 0..9 {
+            h.send(&json!({"execute": "park", "id": i}));
+        }
+        // One running, eight queued: QEMU's queue is full.
+        assert!(!h.session.wants_input());
+        assert_eq!(h.parked.lock().unwrap().len(), 1);
+        h.release(0, json!(0));
+        assert_eq!(h.output(), [json!({"return": 0, "id": 0})]);
+        assert_eq!(h.parked.lock().unwrap().len(), 1, "the next one started");
+        assert!(h.session.wants_input());
+    }
+
+    #[test]
+    fn async_ids_are_required_and_unique_by_canonical_key() {
+        let mut h = Harness::negotiated(&["async"], |b| b);
+        h.send(&json!({"execute": "echo"}));
+        assert_eq!(
+            h.output(),
+            [error(
+                None,
+                "QMP input lacks member 'id', required by capability 'async'"
+            )]
+        );
+        h.feed(r#"{"execute":"park","id":{"a":1,"b":[2]}}"#);
+        h.feed(r#"{"execute":"park","id":{ "b" : [2], "a" : 1 }}"#);
+        let out = h.output();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            out[0]["error"]["desc"],
+            r#"QMP input member 'id' {"a":1,"b":[2]} is already in use by a command in flight"#
+        );
+        h.release(0, json!("done"));
+        assert_eq!(
+            h.output(),
+            [json!({"return": "done", "id": {"a": 1, "b": [2]}})]
+        );
+    }
+
+    #[test]
+    fn cancel_answers_the_command_and_discards_its_late_reply() {
+        let mut h = Harness::negotiated(&["async"], |b| b);
+        h.send(&json!({"execute": "park", "id": "a"}));
+        h.send(&json!({"execute": "async-command-cancel", "arguments": {"id": "a"}, "id": "c"}));
+        assert_eq!(
+            h.output(),
+            [
+                error(Some(json!("a")), "Command park has been cancelled"),
+                json!({"return": {}, "id": "c"})
+            ]
+        );
+        assert!(h.parked.lock().unwrap()[0].is_cancelled());
+        h.release(0, json!("late"));
+        assert_eq!(
+            h.output(),
+            Vec::<Value>::new(),
+            "a cancelled reply goes nowhere"
+        );
+        h.send(&json!({"execute": "async-command-cancel", "arguments": {"id": "a"}, "id": "d"}));
+        assert_eq!(
+            h.output(),
+            [error(
+                Some(json!("d")),
+                "No command with id \"a\" is in flight"
+            )]
+        );
+    }
+
+    #[test]
+    fn at_the_cap_control_commands_run_and_one_request_waits() {
+        let mut h = Harness::negotiated(&["async", "oob"], |b| b.max_in_flight(2));
+        h.send(&json!({"execute": "park", "id": 1}));
+        h.send(&json!({"execute": "park", "id": 2}));
+        assert!(h.session.wants_input(), "one frame of lookahead at the cap");
+        h.send(&json!({"execute": "query-async-commands", "id": "q"}));
+        let listing = h.output();
+        assert_eq!(listing[0]["id"], "q");
+        assert_eq!(listing[0]["return"].as_array().unwrap().len(), 2);
+        h.send(&json!({"exec-oob": "echo", "id": "oob"}));
+        assert_eq!(h.output(), [json!({"return": {}, "id": "oob"})]);
+        // An ordinary request takes the lookahead slot and waits there.
+        h.send(&json!({"execute": "park", "id": 3}));
+        assert!(!h.session.wants_input());
+        assert_eq!(h.parked.lock().unwrap().len(), 2);
+        h.release(0, json!(1));
+        assert_eq!(h.output(), [json!({"return": 1, "id": 1})]);
+        assert_eq!(
+            h.parked.lock().unwrap().len(),
+            2,
+            "the waiting request started"
+        );
+        assert!(h.session.wants_input());
+    }
+
+    #[test]
+    fn the_retained_budget_pauses_reading_but_admits_a_lone_big_id() {
+        let mut h = Harness::negotiated(&["async"], |b| b.max_retained(64));
+        let big = "x".repeat(1000);
+        h.send(&json!({"execute": "park", "id": big}));
+        assert_eq!(
+            h.parked.lock().unwrap().len(),
+            1,
+            "a lone id is always admitted"
+        );
+        h.send(&json!({"execute": "park", "id": 2}));
+        assert_eq!(
+            h.parked.lock().unwrap().len(),
+            1,
+            "over the budget: it waits"
+        );
+        assert!(!h.session.wants_input());
+        h.release(0, json!(null));
+        h.output();
+        assert_eq!(h.parked.lock().unwrap().len(), 1, "the waiting one started");
+        assert!(h.session.wants_input());
+    }
+
+    #[test]
+    fn close_cancels_everything_in_flight() {
+        let mut h = Harness::negotiated(&["async"], |b| b);
+        h.send(&json!({"execute": "park", "id": 1}));
+        h.send(&json!({"execute": "park", "id": 2}));
+        assert!(h.session.has_pending());
+        h.session.close();
+        assert!(!h.session.has_pending());
+        assert!(h.parked.lock().unwrap().iter().all(QmpReturn::is_cancelled));
+        assert!(
+            !h.cancel.is_cancelled(),
+            "the connection token is the connection's"
+        );
+        h.release(0, json!(1));
+        assert_eq!(h.output(), Vec::<Value>::new());
+    }
+
+    #[test]
+    fn events_flow_only_after_negotiation() {
+        let mut h = Harness::new(|b| b);
+        h._server.events().emit("EARLY", None);
+        assert_eq!(h.output(), Vec::<Value>::new());
+        h.send(&json!({"execute": "qmp_capabilities"}));
+        h._server.events().emit("STOP", None);
+        let out = h.output();
+        assert_eq!(out[0], json!({"return": {}}));
+        assert_eq!(out[1]["event"], "STOP");
+        assert!(out[1]["timestamp"]["seconds"].is_u64());
+    }
+}
