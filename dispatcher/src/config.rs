@@ -8,6 +8,7 @@ use crate::wire::{Limits, LineEnding};
 
 /// The version a server reports in its greeting and in `query-version`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct VersionInfo {
     /// `{"major", "minor", "micro"}`; clients such as qmp-shell print it as a QEMU version.
     pub qemu: VersionTriple,
@@ -69,15 +70,20 @@ impl Default for VersionInfo {
 
 /// The protocol flavour a server speaks on its connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Dialect {
     /// Send the `{"QMP": ...}` greeting on connect.
     pub greeting: bool,
     /// Start in negotiation mode (only `qmp_capabilities` works until it succeeds).
     pub negotiation: bool,
-    /// How each output message ends.
+    /// How each output message ends (applied by the connection's codec).
     pub line_ending: LineEnding,
     /// Deliver events to negotiated clients.
     pub events: bool,
+    /// A departed client's connection (and its client slot) lasts until the handlers of its
+    /// cancelled commands have let go of their returns: a single-threaded agent is busy
+    /// until its command ends, and the next client waits, as with qemu-ga.
+    pub busy_until_handlers_finish: bool,
 }
 
 impl Dialect {
@@ -87,6 +93,7 @@ impl Dialect {
         negotiation: true,
         line_ending: LineEnding::CrLf,
         events: true,
+        busy_until_handlers_finish: false,
     };
     /// The QEMU guest agent: no greeting, no negotiation, `\n` endings, no events. Its
     /// connections never gain `oob` or `async`, so they run one command at a time.
@@ -95,6 +102,7 @@ impl Dialect {
         negotiation: false,
         line_ending: LineEnding::Lf,
         events: false,
+        busy_until_handlers_finish: true,
     };
 }
 
@@ -110,9 +118,16 @@ pub const DEFAULT_MAX_PENDING_OUTPUT: usize = 8 << 20;
 pub const DEFAULT_OUTPUT_HIGH_WATER: usize = 256 << 10;
 /// Default [`Config::event_queue`].
 pub const DEFAULT_EVENT_QUEUE: usize = 4096;
+/// Default [`Config::max_retained`]: 16 MiB of ids per client.
+pub const DEFAULT_MAX_RETAINED: usize = 16 << 20;
+/// `exec-oob` commands an async client may have in flight beyond
+/// [`Config::max_in_flight`], so that control commands still run at the cap.
+pub const OOB_RESERVE: usize = 8;
 
-/// Everything a server is configured with. Built through [`crate::ServerBuilder`].
+/// Everything a server is configured with, as set through [`crate::ServerBuilder`] (the
+/// only way to set it) and read back with [`crate::Server::config`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Config {
     /// Reported in the greeting and by `query-version`.
     pub version: VersionInfo,
@@ -125,6 +140,9 @@ pub struct Config {
     /// Commands an async client may have in flight; at the limit the server stops reading
     /// from that client until one completes. Nothing is ever dropped.
     pub max_in_flight: usize,
+    /// Bytes of ids one client's in-flight commands may retain; at the budget reading
+    /// pauses, as at the in-flight cap. A client with nothing in flight is always read.
+    pub max_retained: usize,
     /// Limits of one JSON value on input.
     pub limits: Limits,
     /// Connected clients per server; further connections wait in the listen backlog.
@@ -150,6 +168,7 @@ impl Default for Config {
             offer_oob: true,
             offer_async: true,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_retained: DEFAULT_MAX_RETAINED,
             limits: Limits::default(),
             max_clients: DEFAULT_MAX_CLIENTS,
             max_pending_output: DEFAULT_MAX_PENDING_OUTPUT,

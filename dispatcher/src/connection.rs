@@ -1,19 +1,26 @@
-//! The connection task: one `select!` over client input, handler completions, events,
-//! output and shutdown.
+//! The connection task: one client's bytes through its codec and session, in small named
+//! steps around one `select!` (shutdown, write, outbox, read).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::session::{Session, Shared};
+use crate::qmp_return::Outgoing;
+use crate::server::{ConnectionParts, Shared};
+use crate::session::Session;
 use crate::transport::Transport;
-use crate::wire::JsonDecoder;
+use crate::wire::{Frame, Message, ServerCodec};
 
 /// How long a closing connection may take to flush what it still has to say.
-const SHUTDOWN_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
+
+/// Read-buffer space kept free before each read, and the step it grows by.
+const READ_RESERVE: usize = 4096;
+const READ_GROWTH: usize = 16 * 1024;
 
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,132 +35,262 @@ pub(crate) enum End {
     TooSlow,
 }
 
-/// Serves one client until it leaves or the server stops.
-pub(crate) async fn serve<T: Transport>(
+/// One client: its transport halves, codec, buffers, session and outbox.
+pub(crate) struct Connection<'p, T: Transport, C> {
     shared: Arc<Shared>,
-    transport: T,
-    shutdown: CancellationToken,
+    reader: T::Reader,
+    writer: T::Writer,
+    /// The codec and the undecoded input; borrowed, so they outlive the connection.
+    parts: &'p mut ConnectionParts<C>,
+    /// Encoded output not written yet: whole lines, the first possibly begun.
+    write_buf: BytesMut,
+    /// Part of the first line in `write_buf` has been written already.
+    mid_line: bool,
+    session: Session,
+    outbox: mpsc::UnboundedReceiver<Outgoing>,
+    cancel: CancellationToken,
+    /// The client has sent EOF.
+    eof: bool,
+    /// The last decode found no complete frame in the input.
+    input_drained: bool,
     client: u64,
-) -> End {
-    let (mut reader, mut writer) = transport.split();
-    let (outbox_tx, mut outbox) = mpsc::unbounded_channel();
-    let cancel = shutdown.child_token();
-    let mut session = Session::new(Arc::clone(&shared), client, outbox_tx, cancel.clone());
-    // Pinned once: a fresh `cancelled()` per loop turn would register with the token anew.
-    let stopping = cancel.cancelled();
-    tokio::pin!(stopping);
-    // Fresh per connection, as QEMU's monitor re-creates its parser on every connect.
-    let mut decoder = JsonDecoder::new(shared.config.limits);
-    let mut input = BytesMut::with_capacity(8192);
-    let mut eof = false;
-
-    // Whether the last turn waited with reading suspended (a legacy command running, the
-    // in-flight cap reached): if so the client may have left meanwhile.
-    let mut was_suspended = false;
-    let end = loop {
-        if was_suspended && !eof && !input.is_empty() && T::has_departed(&reader) {
-            break End::Departed;
-        }
-        // Take every request the session lets us take, and every completion that is ready,
-        // until neither makes progress; then write in one go.
-        let mut input_exhausted = false;
-        loop {
-            while session.can_read() {
-                let frame = if eof {
-                    decoder.decode_eof(&mut input)
-                } else {
-                    decoder.decode(&mut input)
-                };
-                let Some(frame) = frame else {
-                    input_exhausted = true;
-                    break;
-                };
-                session.on_frame(frame);
-                // Handlers that answered at once are answered before the next request, so
-                // immediate replies keep request order.
-                while let Ok(message) = outbox.try_recv() {
-                    session.on_outgoing(message);
-                }
-            }
-            let mut progressed = false;
-            while let Ok(message) = outbox.try_recv() {
-                session.on_outgoing(message);
-                progressed = true;
-            }
-            if !progressed {
-                break;
-            }
-        }
-        if session.lagged {
-            break End::TooSlow;
-        }
-        if eof && input_exhausted && !session.has_pending() && session.out.is_empty() {
-            break End::Finished;
-        }
-
-        let suspended = !session.can_read();
-        was_suspended = suspended;
-        tokio::select! {
-            biased;
-            () = &mut stopping => break End::Shutdown,
-            written = writer.write(&session.out), if !session.out.is_empty() => match written {
-                Ok(0) | Err(_) => break End::Departed,
-                Ok(n) => {
-                    session.out.advance(n);
-                    if session.out.is_empty() && writer.flush().await.is_err() {
-                        break End::Departed;
-                    }
-                }
-            },
-            Some(message) = outbox.recv() => session.on_outgoing(message),
-            // While reading is suspended (or after EOF) the input is only watched for the
-            // client leaving, so its commands are cancelled without waiting for them.
-            read = read_or_watch::<T>(&mut reader, &mut input, eof || suspended) => match read {
-                Input::Eof => eof = true,
-                Input::Data => {}
-                Input::Departed => break End::Departed,
-            },
-        }
-    };
-
-    if end == End::Shutdown {
-        // Say goodbye properly: replies already produced (`quit`'s among them) still go out.
-        while let Ok(message) = outbox.try_recv() {
-            session.on_outgoing(message);
-        }
-        let flush = writer.write_all(&session.out);
-        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, flush).await;
-    }
-    session.close();
-    if end == End::TooSlow {
-        tracing::warn!(
-            client,
-            pending = session.out.len(),
-            "disconnecting a client that does not read its output"
-        );
-    }
-    let _ = writer.shutdown().await;
-    end
 }
 
+/// What a read brought.
 enum Input {
     Data,
     Eof,
     Departed,
 }
 
-/// Reads more input; after EOF, watches instead for the client closing entirely.
+impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        transport: T,
+        parts: &'p mut ConnectionParts<C>,
+        cancel: CancellationToken,
+        client: u64,
+    ) -> Self {
+        let (reader, writer) = transport.split();
+        let (outbox_tx, outbox) = mpsc::unbounded_channel();
+        let session = Session::new(Arc::clone(&shared), client, outbox_tx, cancel.clone());
+        Connection {
+            shared,
+            reader,
+            writer,
+            parts,
+            write_buf: BytesMut::new(),
+            mid_line: false,
+            session,
+            outbox,
+            cancel,
+            eof: false,
+            input_drained: false,
+            client,
+        }
+    }
+
+    /// Serves the client until it leaves or the server stops, then closes the session.
+    pub(crate) async fn run(mut self) -> End {
+        let end = self.serve().await;
+        self.finish(end).await;
+        end
+    }
+
+    async fn serve(&mut self) -> End {
+        let cancel = self.cancel.clone();
+        // Pinned once: a fresh `cancelled()` per turn would register with the token anew.
+        let stopping = cancel.cancelled();
+        tokio::pin!(stopping);
+        loop {
+            if let Err(end) = self.process() {
+                return end;
+            }
+            if self.is_finished() {
+                return End::Finished;
+            }
+            let paused = !self.may_read();
+            tokio::select! {
+                biased;
+                () = &mut stopping => return End::Shutdown,
+                written = self.writer.write(&self.write_buf), if !self.write_buf.is_empty() => {
+                    match written {
+                        Ok(n) if n > 0 => self.consume_written(n),
+                        _ => return End::Departed,
+                    }
+                    if self.write_buf.is_empty() && self.writer.flush().await.is_err() {
+                        return End::Departed;
+                    }
+                }
+                Some(message) = self.outbox.recv() => self.session.on_outgoing(message),
+                input = read_or_watch::<T>(
+                    &mut self.reader,
+                    &mut self.parts.read_buf,
+                    self.eof || paused,
+                ) => match input {
+                    Input::Data => {}
+                    Input::Eof => self.eof = true,
+                    Input::Departed => return End::Departed,
+                },
+            }
+            if paused && self.departed_while_paused() {
+                return End::Departed;
+            }
+        }
+    }
+
+    /// Decodes every frame the session takes now and feeds it every outbox message that is
+    /// ready, until neither makes progress, encoding output as it appears.
+    fn process(&mut self) -> Result<(), End> {
+        loop {
+            while self.may_read() {
+                let Some(frame) = self.decode() else {
+                    break;
+                };
+                self.session.on_frame(frame);
+                // Handlers that answered at once are answered before the next request, so
+                // immediate replies keep request order.
+                self.receive_ready();
+                self.encode_output()?;
+            }
+            let progressed = self.receive_ready();
+            self.encode_output()?;
+            if !progressed {
+                break;
+            }
+        }
+        if self.session.is_lagged() {
+            return Err(End::TooSlow);
+        }
+        Ok(())
+    }
+
+    /// The next frame of the input, if it holds one.
+    fn decode(&mut self) -> Option<Frame> {
+        let ConnectionParts { codec, read_buf } = &mut *self.parts;
+        // The codecs here never fail; an error would be the transport's, and ends nothing.
+        let frame = if self.eof {
+            codec.decode_eof(read_buf)
+        } else {
+            codec.decode(read_buf)
+        };
+        let frame = frame.ok().flatten();
+        self.input_drained = frame.is_none();
+        frame
+    }
+
+    /// Moves every message already in the outbox into the session. True if there was one.
+    fn receive_ready(&mut self) -> bool {
+        let mut received = false;
+        while let Ok(message) = self.outbox.try_recv() {
+            self.session.on_outgoing(message);
+            received = true;
+        }
+        received
+    }
+
+    /// Encodes the session's output. An event that would push unsent output past
+    /// `max_pending_output` means the client does not read: it is disconnected. Replies
+    /// never count against it (they are bounded by the in-flight cap and by reading pausing
+    /// at `output_high_water`).
+    fn encode_output(&mut self) -> Result<(), End> {
+        let max_pending = self.shared.config.max_pending_output;
+        while let Some(message) = self.session.next_output() {
+            if let Message::Event(line) = &message {
+                if self.write_buf.len() + line.len() > max_pending {
+                    return Err(End::TooSlow);
+                }
+            }
+            // Our codecs cannot fail to encode.
+            let _ = self.parts.codec.encode(message, &mut self.write_buf);
+        }
+        Ok(())
+    }
+
+    /// Whether to decode more input now: the session takes it and output is not backed up.
+    fn may_read(&self) -> bool {
+        self.session.wants_input() && self.write_buf.len() < self.shared.config.output_high_water
+    }
+
+    /// EOF, every frame decoded, nothing owed, everything written.
+    fn is_finished(&self) -> bool {
+        self.eof && self.input_drained && !self.session.has_pending() && self.write_buf.is_empty()
+    }
+
+    /// After a turn with reading paused (a legacy command running, the in-flight cap): has
+    /// the client left meanwhile? Then a request waiting in the input is not started.
+    fn departed_while_paused(&self) -> bool {
+        !self.eof && !self.parts.read_buf.is_empty() && T::has_departed(&self.reader)
+    }
+
+    fn consume_written(&mut self, n: usize) {
+        self.mid_line = self.write_buf[n - 1] != b'\n';
+        self.write_buf.advance(n);
+    }
+
+    /// Says goodbye as the reason for ending allows, and cancels what is still in flight.
+    async fn finish(&mut self, end: End) {
+        match end {
+            End::Shutdown => {
+                // Replies already produced (`quit`'s among them) and events emitted before
+                // the shutdown still go out.
+                self.receive_ready();
+                let _ = self.encode_output();
+                let flush = self.writer.write_all(&self.write_buf);
+                let _ = tokio::time::timeout(SHUTDOWN_FLUSH, flush).await;
+            }
+            End::TooSlow => {
+                tracing::warn!(
+                    client = self.client,
+                    pending = self.write_buf.len(),
+                    "disconnecting a client that does not read its output"
+                );
+                // End what was written at a line boundary, if the client takes that much.
+                if self.mid_line {
+                    let line_end = self.write_buf.iter().position(|&b| b == b'\n');
+                    if let Some(end) = line_end {
+                        let rest = self.write_buf.split_to(end + 1);
+                        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, self.writer.write_all(&rest))
+                            .await;
+                    }
+                }
+            }
+            End::Finished | End::Departed => {}
+        }
+        self.session.close();
+        let _ = self.writer.shutdown().await;
+        if self.shared.config.dialect.busy_until_handlers_finish {
+            self.wait_for_handlers().await;
+        }
+    }
+
+    /// Waits until every handler of this connection has dropped its return (the outbox
+    /// then closes), or the server stops. Late replies are discarded on the way.
+    async fn wait_for_handlers(&mut self) {
+        let stopping = self.cancel.cancelled();
+        tokio::pin!(stopping);
+        loop {
+            tokio::select! {
+                () = &mut stopping => return,
+                message = self.outbox.recv() => if message.is_none() { return },
+            }
+        }
+    }
+}
+
+/// Reads more input; when reading is paused or after EOF, only watches for the client
+/// closing the connection entirely, so its commands are cancelled without waiting for them.
 async fn read_or_watch<T: Transport>(
     reader: &mut T::Reader,
     input: &mut BytesMut,
-    eof: bool,
+    watch_only: bool,
 ) -> Input {
-    if eof {
+    if watch_only {
         T::departed(reader).await;
         return Input::Departed;
     }
-    if input.capacity() - input.len() < 4096 {
-        input.reserve(16 * 1024);
+    if input.capacity() - input.len() < READ_RESERVE {
+        input.reserve(READ_GROWTH);
     }
     match reader.read_buf(input).await {
         Ok(0) => Input::Eof,

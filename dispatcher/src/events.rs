@@ -2,7 +2,7 @@
 //! optionally rate-limited like QEMU's throttled events.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,8 +13,9 @@ use serde_json::Value;
 use slab::Slab;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::config::DEFAULT_EVENT_QUEUE;
 use crate::qmp_return::Outgoing;
-use crate::wire::{LineEnding, encode};
+use crate::wire::encode;
 
 /// How one event name is rate-limited.
 #[derive(Debug, Clone)]
@@ -30,10 +31,14 @@ pub struct Throttle {
 type ThrottleSlot = (String, Option<String>);
 
 /// A handle to emit events; cheap to clone, usable from any thread.
+///
+/// Every server has one, configured by its builder ([`crate::ServerBuilder::event_queue`],
+/// [`crate::ServerBuilder::throttle`]); get it with [`crate::Server::events`]. Handlers
+/// built before the server can be given a handle made with [`Events::new`] and passed to
+/// [`crate::ServerBuilder::events`]: the builder's settings then apply to that handle.
 #[derive(Clone)]
 pub struct Events {
     hub: Arc<Hub>,
-    throttles: Arc<HashMap<String, Throttle>>,
     /// One slot per throttled (name, key) whose timer is running: the event to send when it
     /// fires, if a newer one arrived meanwhile (only the last survives, as in QEMU).
     pending: Arc<Mutex<HashMap<ThrottleSlot, Option<Bytes>>>>,
@@ -44,8 +49,26 @@ pub struct Events {
 /// same FIFO its replies travel through.
 struct Hub {
     subscribers: Mutex<Slab<Subscriber>>,
+    /// Set once, by the builder of the server that uses this handle.
+    settings: OnceLock<EventSettings>,
+}
+
+/// What the server builder decides about events.
+#[derive(Debug, Clone)]
+pub(crate) struct EventSettings {
     /// Events one client may have queued before it counts as lagging.
-    capacity: usize,
+    pub(crate) capacity: usize,
+    /// Rate limits by event name.
+    pub(crate) throttles: HashMap<String, Throttle>,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        EventSettings {
+            capacity: DEFAULT_EVENT_QUEUE,
+            throttles: HashMap::new(),
+        }
+    }
 }
 
 struct Subscriber {
@@ -79,26 +102,35 @@ impl Drop for Subscription {
 }
 
 impl Events {
-    /// An event channel that buffers `capacity` events per client, with no throttling. A
-    /// server builds its own unless given one with [`crate::ServerBuilder::events`]; build
-    /// one first when handlers registered before the server must emit events.
-    pub fn new(capacity: usize) -> Self {
-        Self::with_throttles(capacity, HashMap::new())
-    }
-
-    /// Like [`new`](Self::new), with rate limits by event name
-    /// ([`crate::config::qemu_throttles`] has QEMU's).
-    pub fn with_throttles(capacity: usize, throttles: HashMap<String, Throttle>) -> Self {
-        let hub = Hub {
-            subscribers: Mutex::new(Slab::new()),
-            capacity: capacity.max(1),
-        };
+    /// A handle for a server that is not built yet, for handlers that must emit events
+    /// and are made before it; give it to [`crate::ServerBuilder::events`]. Until then it has
+    /// no receivers and emitting is a no-op.
+    pub fn new() -> Self {
         Events {
-            hub: Arc::new(hub),
-            throttles: Arc::new(throttles),
+            hub: Arc::new(Hub {
+                subscribers: Mutex::new(Slab::new()),
+                settings: OnceLock::new(),
+            }),
             pending: Arc::default(),
             runtime: tokio::runtime::Handle::try_current().ok(),
         }
+    }
+
+    /// Applies the builder's settings; a handle serves one server's settings only.
+    pub(crate) fn configure(&self, settings: EventSettings) {
+        if self.hub.settings.set(settings).is_err() {
+            tracing::warn!(
+                "an Events handle was given to a second server; keeping the first one's settings"
+            );
+        }
+    }
+
+    fn settings(&self) -> &EventSettings {
+        static DEFAULT: OnceLock<EventSettings> = OnceLock::new();
+        self.hub
+            .settings
+            .get()
+            .unwrap_or_else(|| DEFAULT.get_or_init(EventSettings::default))
     }
 
     /// Registers a client's outbox for every event from now on (no replay).
@@ -127,15 +159,9 @@ impl Events {
     /// to clients that negotiate later.
     pub fn emit(&self, name: &str, data: Option<Value>) {
         let mut line = BytesMut::with_capacity(96);
-        encode::event(
-            &mut line,
-            name,
-            data.as_ref(),
-            SystemTime::now(),
-            LineEnding::CrLf,
-        );
+        encode::event(&mut line, name, data.as_ref(), SystemTime::now());
         let line = line.freeze();
-        match self.throttles.get(name) {
+        match self.settings().throttles.get(name) {
             None => self.send(line),
             Some(throttle) => self.emit_throttled(name, throttle, data.as_ref(), line),
         }
@@ -161,8 +187,9 @@ impl Events {
             .subscribers
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        let capacity = self.settings().capacity.max(1);
         for (_, subscriber) in subscribers.iter() {
-            if subscriber.queued.fetch_add(1, Ordering::Relaxed) >= self.hub.capacity {
+            if subscriber.queued.fetch_add(1, Ordering::Relaxed) >= capacity {
                 subscriber.queued.fetch_sub(1, Ordering::Relaxed);
                 // Tell the connection once; it disconnects the client rather than hand it an
                 // event stream with holes.
@@ -219,6 +246,12 @@ impl Events {
     }
 }
 
+impl Default for Events {
+    fn default() -> Self {
+        Events::new()
+    }
+}
+
 impl std::fmt::Debug for Events {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Events")
@@ -249,7 +282,11 @@ mod tests {
                 key: None,
             },
         );
-        let events = Events::with_throttles(16, throttles);
+        let events = Events::new();
+        events.configure(EventSettings {
+            capacity: 16,
+            throttles,
+        });
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let _subscription = events.subscribe(tx);
         for offset in 0..5 {

@@ -1,24 +1,24 @@
 //! The per-client table of dispatched commands that have not replied yet.
 
-use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use serde_json::value::RawValue;
+use hashbrown::HashTable;
 use slab::Slab;
 use tokio_util::sync::CancellationToken;
 
 use crate::qmp_return::Ticket;
+use crate::wire::Id;
 
 /// One command in flight.
 #[derive(Debug)]
 pub(crate) struct Entry {
     seq: u64,
-    /// The raw id to echo in the reply.
-    pub(crate) id: Option<Box<RawValue>>,
-    /// The id in canonical form, for duplicate detection and cancel by id.
-    pub(crate) id_key: Option<String>,
+    /// The request's id: echoed in the reply, and its key compared for async clients.
+    /// Stored here only; the id index refers to it by slab key.
+    pub(crate) id: Option<Id>,
     pub(crate) command: Arc<str>,
     pub(crate) started: Instant,
     /// A child of the connection's token: cancelled by `async-command-cancel` or disconnect.
@@ -31,20 +31,24 @@ pub(crate) struct Entry {
     indexed: bool,
 }
 
-/// Slab of a client's in-flight commands, with an index by id for async clients.
+/// Slab of a client's in-flight commands, with an index by id key for async clients.
 #[derive(Debug)]
 pub(crate) struct InFlight {
     entries: Slab<Entry>,
-    by_id: HashMap<String, usize>,
+    /// Slab keys of indexed entries, hashed by their id key; the key text lives in the
+    /// entry alone, so an id is held once however large it is.
+    by_id: HashTable<usize>,
+    hasher: std::hash::RandomState,
     next_seq: u64,
+    /// Bytes of ids held by `entries`, for the client's retained budget.
+    retained: usize,
     /// The server-wide total in `Stats`, kept in step with `entries` here and nowhere else.
     total: Arc<AtomicUsize>,
 }
 
 /// What to record for a newly dispatched command.
 pub(crate) struct NewEntry {
-    pub(crate) id: Option<Box<RawValue>>,
-    pub(crate) id_key: Option<String>,
+    pub(crate) id: Option<Id>,
     pub(crate) command: Arc<str>,
     pub(crate) cancel: CancellationToken,
     pub(crate) oob: bool,
@@ -58,8 +62,10 @@ impl InFlight {
     pub(crate) fn new(total: Arc<AtomicUsize>) -> Self {
         InFlight {
             entries: Slab::new(),
-            by_id: HashMap::new(),
+            by_id: HashTable::new(),
+            hasher: std::hash::RandomState::new(),
             next_seq: 0,
+            retained: 0,
             total,
         }
     }
@@ -72,19 +78,32 @@ impl InFlight {
         self.entries.is_empty()
     }
 
-    /// True if an async command with this canonical id is in flight.
+    /// Bytes of ids the table holds.
+    pub(crate) fn retained(&self) -> usize {
+        self.retained
+    }
+
+    /// The slab key of the indexed entry whose id has this key.
+    fn find(&self, id_key: &str) -> Option<usize> {
+        let hash = self.hasher.hash_one(id_key);
+        let entries = &self.entries;
+        self.by_id
+            .find(hash, |&key| key_of(&entries[key]) == Some(id_key))
+            .copied()
+    }
+
+    /// True if an async command with this id key is in flight.
     pub(crate) fn has_id(&self, id_key: &str) -> bool {
-        self.by_id.contains_key(id_key)
+        !self.by_id.is_empty() && self.find(id_key).is_some()
     }
 
     pub(crate) fn insert(&mut self, new: NewEntry) -> Ticket {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let indexed_key = new.id_key.clone().filter(|_| new.indexed);
+        self.retained += new.id.as_ref().map_or(0, Id::heap_size);
         let key = self.entries.insert(Entry {
             seq,
             id: new.id,
-            id_key: new.id_key,
             command: new.command,
             started: Instant::now(),
             cancel: new.cancel,
@@ -92,8 +111,12 @@ impl InFlight {
             silent_success: new.silent_success,
             indexed: new.indexed,
         });
-        if let Some(id_key) = indexed_key {
-            self.by_id.insert(id_key, key);
+        if let Some(id_key) = key_of(&self.entries[key]) {
+            let hash = self.hasher.hash_one(id_key);
+            let (entries, hasher) = (&self.entries, &self.hasher);
+            self.by_id.insert_unique(hash, key, |&k| {
+                hasher.hash_one(key_of(&entries[k]).expect("indexed entries have ids"))
+            });
         }
         self.total.fetch_add(1, Ordering::Relaxed);
         Ticket { key, seq }
@@ -106,22 +129,27 @@ impl InFlight {
             Some(entry) if entry.seq == ticket.seq => {}
             _ => return None,
         }
-        let entry = self.entries.remove(ticket.key);
-        if let (true, Some(id_key)) = (entry.indexed, &entry.id_key) {
-            self.by_id.remove(id_key);
+        if let Some(id_key) = key_of(&self.entries[ticket.key]) {
+            let hash = self.hasher.hash_one(id_key);
+            if let Ok(found) = self.by_id.find_entry(hash, |&k| k == ticket.key) {
+                found.remove();
+            }
         }
+        let entry = self.entries.remove(ticket.key);
+        self.retained -= entry.id.as_ref().map_or(0, Id::heap_size);
         self.total.fetch_sub(1, Ordering::Relaxed);
         Some(entry)
     }
 
-    /// Removes the command with this canonical id, whatever mode it was sent in.
+    /// Removes the command with this id key, whatever mode it was sent in (legacy entries
+    /// are not indexed: they are searched, as a legacy client has few in flight).
     pub(crate) fn take_by_id(&mut self, id_key: &str) -> Option<(Ticket, Entry)> {
-        let key = match self.by_id.get(id_key) {
-            Some(&key) => key,
+        let key = match self.find(id_key) {
+            Some(key) => key,
             None => {
                 self.entries
                     .iter()
-                    .find(|(_, e)| e.id_key.as_deref() == Some(id_key))?
+                    .find(|(_, e)| e.id.as_ref().map(Id::key) == Some(id_key))?
                     .0
             }
         };
@@ -145,5 +173,11 @@ impl InFlight {
             entry.cancel.cancel();
         }
         self.by_id.clear();
+        self.retained = 0;
     }
+}
+
+/// The id key an entry is indexed by, if it is indexed.
+fn key_of(entry: &Entry) -> Option<&str> {
+    entry.id.as_ref().filter(|_| entry.indexed).map(Id::key)
 }

@@ -38,5 +38,6 @@ pub use error::{ErrorClass, QmpError, RegisterError};
 pub use events::{Events, Throttle};
 pub use qmp_return::QmpReturn;
 pub use registry::{Command, CommandInfo, Handler, Registry, RegistryBuilder};
-pub use server::{Server, ServerBuilder, Stats, bind_unix};
+pub use server::{Admitted, ConnectionParts, Server, ServerBuilder, Stats, bind_unix};
 pub use transport::{ByteStream, Pipes, Transport};
+pub use wire::{Message, QmpCodec, ServerCodec};

@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio_util::task::TaskTracker;
 
 use crate::error::QmpError;
 
@@ -39,11 +40,17 @@ pub(crate) struct Completion {
 
 #[derive(Debug)]
 pub(crate) enum Outcome {
-    Return {
-        value: Box<RawValue>,
-        prefix: Option<&'static [u8]>,
-    },
+    Return(Box<RawValue>),
     Error(QmpError),
+}
+
+/// What every `QmpReturn` of one server shares: the leak counter and the tracker that
+/// handler work runs on, so [`crate::Server::wait`] also waits for it.
+#[derive(Debug, Default)]
+pub(crate) struct ReturnShared {
+    /// Live returns, for `Stats::live_returns`.
+    pub(crate) live: AtomicUsize,
+    pub(crate) tasks: TaskTracker,
 }
 
 /// The reply owed to one request.
@@ -63,8 +70,9 @@ pub struct QmpReturn {
     sink: Option<Sink>,
     command: Arc<str>,
     cancel: CancellationToken,
-    /// Counts live returns for the server's leak check; decremented on drop.
-    live: Arc<AtomicUsize>,
+    /// Counts live returns for the server's leak check (decremented on drop), and tracks
+    /// the handler work spawned through this return.
+    shared: Arc<ReturnShared>,
 }
 
 #[derive(Debug)]
@@ -79,14 +87,14 @@ impl QmpReturn {
         ticket: Ticket,
         command: Arc<str>,
         cancel: CancellationToken,
-        live: Arc<AtomicUsize>,
+        shared: Arc<ReturnShared>,
     ) -> Self {
-        live.fetch_add(1, Ordering::Relaxed);
+        shared.live.fetch_add(1, Ordering::Relaxed);
         QmpReturn {
             sink: Some(Sink { tx, ticket }),
             command,
             cancel,
-            live,
+            shared,
         }
     }
 
@@ -106,28 +114,7 @@ impl QmpReturn {
 
     /// Replies `{"return": value}` with a value that is already JSON.
     pub fn ok_raw(mut self, value: Box<RawValue>) {
-        self.send(Outcome::Return {
-            value,
-            prefix: None,
-        });
-    }
-
-    /// Replies `{"return": value}`, writing `prefix` right before the reply line. The guest
-    /// agent's `guest-sync-delimited` uses this for its 0xFF sentinel.
-    pub fn ok_with_prefix<T: Serialize + ?Sized>(mut self, prefix: &'static [u8], value: &T) {
-        match serde_json::value::to_raw_value(value) {
-            Ok(value) => self.send(Outcome::Return {
-                value,
-                prefix: Some(prefix),
-            }),
-            Err(e) => {
-                let desc = format!(
-                    "Command {} produced an unserializable reply: {e}",
-                    self.command
-                );
-                self.err(QmpError::generic(desc));
-            }
-        }
+        self.send(Outcome::Return(value));
     }
 
     /// Replies with an error.
@@ -178,6 +165,30 @@ impl QmpReturn {
         self.cancel.clone()
     }
 
+    /// Runs `work` as a task on the server's tracker, so [`crate::Server::wait`] waits for
+    /// it. The task gets this return and must answer through it; it is not stopped by
+    /// cancellation by itself, so select on [`cancelled`](Self::cancelled) inside.
+    pub fn spawn<F, Fut>(self, work: F)
+    where
+        F: FnOnce(QmpReturn) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let tasks = self.shared.tasks.clone();
+        tasks.spawn(work(self));
+    }
+
+    /// Runs blocking `work` on tokio's blocking pool, tracked like [`spawn`](Self::spawn).
+    /// Blocking work cannot be interrupted: check
+    /// [`cancellation_token`](Self::cancellation_token) between steps and keep each step
+    /// short, or the server's shutdown waits for it.
+    pub fn spawn_blocking<F>(self, work: F)
+    where
+        F: FnOnce(QmpReturn) + Send + 'static,
+    {
+        let tasks = self.shared.tasks.clone();
+        tasks.spawn_blocking(move || work(self));
+    }
+
     fn send(&mut self, outcome: Outcome) {
         if let Some(sink) = self.sink.take() {
             // The connection may be gone; then the reply has nobody to go to, by design.
@@ -195,7 +206,7 @@ fn empty_object() -> Box<RawValue> {
 
 impl Drop for QmpReturn {
     fn drop(&mut self) {
-        self.live.fetch_sub(1, Ordering::Relaxed);
+        self.shared.live.fetch_sub(1, Ordering::Relaxed);
         if self.sink.is_none() || self.cancel.is_cancelled() {
             return;
         }

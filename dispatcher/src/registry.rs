@@ -92,8 +92,9 @@ impl Command {
         })
     }
 
-    /// A command whose work is a future, run on its own task. Cancelling the request (the
-    /// client disconnects or uses `async-command-cancel`) drops the future.
+    /// A command whose work is a future, run on its own task on the server's tracker (so
+    /// [`crate::Server::wait`] waits for it). Cancelling the request (the client disconnects
+    /// or uses `async-command-cancel`) drops the future.
     pub fn async_fn<A, R, F, Fut>(name: impl Into<String>, f: F) -> Self
     where
         A: DeserializeOwned,
@@ -107,7 +108,7 @@ impl Command {
                 Err(e) => return ret.err(e),
             };
             let work = AssertUnwindSafe(f(a)).catch_unwind();
-            tokio::spawn(async move {
+            ret.spawn(|ret| async move {
                 tokio::select! {
                     biased;
                     () = ret.cancelled() => {}

@@ -1,23 +1,52 @@
-//! The server: listeners, one task per client, limits, graceful shutdown.
+//! The server: one accept loop for every listener, a task per client, the client limit,
+//! and graceful shutdown.
 
+use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
+use serde_json::value::RawValue;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::net::Listener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::{Config, Dialect, VersionInfo};
-use crate::connection;
-use crate::events::{Events, Throttle};
+use crate::connection::{Connection, End};
+use crate::events::{EventSettings, Events, Throttle};
+use crate::qmp_return::ReturnShared;
 use crate::registry::Registry;
-use crate::session::{Counters, Shared};
 use crate::transport::Transport;
-use crate::wire::Limits;
+use crate::wire::{Limits, QmpCodec, ServerCodec};
+
+/// What every connection of one server shares.
+pub(crate) struct Shared {
+    pub(crate) registry: Registry,
+    pub(crate) config: Config,
+    pub(crate) events: Events,
+    /// The greeting line every client gets, encoded once.
+    pub(crate) greeting: Bytes,
+    /// `query-version`'s reply, written once in QEMU's member order.
+    pub(crate) version_json: Box<RawValue>,
+    pub(crate) counters: Counters,
+    /// Live-return count and the tracker of handler work.
+    pub(crate) returns: Arc<ReturnShared>,
+}
+
+/// Live totals across a server's connections, for [`Stats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) clients: AtomicUsize,
+    /// Kept by each client's in-flight table, in step with its entries.
+    pub(crate) in_flight: Arc<AtomicUsize>,
+    next_client: AtomicU64,
+}
 
 /// A QMP server: a registry of commands served to any number of clients, each with its own
 /// session. Cheap to clone; every clone is the same server.
@@ -27,21 +56,23 @@ pub struct Server {
     /// Cancelled by [`Server::shutdown`]; every connection token is a child.
     shutdown: CancellationToken,
     /// Every connection task, so [`Server::wait`] knows when they are all gone.
-    tasks: TaskTracker,
+    connections: TaskTracker,
     /// Permits for connected clients; accepting waits while none is left.
     client_slots: Arc<Semaphore>,
 }
 
-/// Configures a [`Server`].
+/// Configures a [`Server`]. Every setting has exactly one setter here; the resulting
+/// [`Config`] can be read back through [`Server::config`].
 #[derive(Debug)]
 pub struct ServerBuilder {
     registry: Registry,
     config: Config,
-    events: Option<Events>,
+    events: Events,
 }
 
 /// A snapshot of a server's live totals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Connected clients.
     pub clients: usize,
@@ -51,6 +82,9 @@ pub struct Stats {
     pub live_returns: usize,
     /// Connection tasks still running.
     pub connection_tasks: usize,
+    /// Handler work still running on the server's tracker ([`crate::QmpReturn::spawn`],
+    /// [`crate::QmpReturn::spawn_blocking`], [`crate::Command::async_fn`]).
+    pub handler_tasks: usize,
 }
 
 impl std::fmt::Debug for Registry {
@@ -93,13 +127,23 @@ impl ServerBuilder {
         self
     }
 
+    /// Bytes of request ids one client's in-flight commands may retain before reading from
+    /// it pauses (default [`crate::config::DEFAULT_MAX_RETAINED`]). A command is always
+    /// admitted when the client has nothing in flight, so no id QEMU accepts is refused.
+    pub fn max_retained(mut self, bytes: usize) -> Self {
+        self.config.max_retained = bytes;
+        self
+    }
+
     /// Limits of one JSON value (default: QEMU's).
     pub fn limits(mut self, limits: Limits) -> Self {
         self.config.limits = limits;
         self
     }
 
-    /// Connected clients at once (default [`crate::config::DEFAULT_MAX_CLIENTS`]).
+    /// Connected clients at once (default [`crate::config::DEFAULT_MAX_CLIENTS`]). Counts
+    /// every connection: accepted by [`Server::serve`], or handed in through
+    /// [`Server::serve_connection`] and its relatives.
     pub fn max_clients(mut self, max: usize) -> Self {
         self.config.max_clients = max.max(1);
         self
@@ -126,46 +170,102 @@ impl ServerBuilder {
         self
     }
 
-    /// Rate-limits an event name.
+    /// Rate-limits an event name ([`crate::config::qemu_throttles`] lists QEMU's).
     pub fn throttle(mut self, event: impl Into<String>, throttle: Throttle) -> Self {
         self.config.throttles.insert(event.into(), throttle);
         self
     }
 
-    /// Uses an event channel made beforehand (see [`Events::new`]); the builder's
-    /// `event_queue` and `throttle` settings then do not apply.
+    /// Emits this server's events through a handle made beforehand with [`Events::new`]
+    /// (for handlers built before the server). The builder's `event_queue` and `throttle`
+    /// settings apply to it, whatever the order of the calls.
     pub fn events(mut self, events: Events) -> Self {
-        self.events = Some(events);
-        self
-    }
-
-    /// Any other configuration.
-    pub fn config(mut self, f: impl FnOnce(&mut Config)) -> Self {
-        f(&mut self.config);
+        self.events = events;
         self
     }
 
     /// Builds the server. Call inside a tokio runtime if throttled events will be emitted
     /// from threads outside it.
     pub fn build(self) -> Server {
-        let events = self.events.unwrap_or_else(|| {
-            Events::with_throttles(self.config.event_queue, self.config.throttles.clone())
+        let ServerBuilder {
+            registry,
+            config,
+            events,
+        } = self;
+        events.configure(EventSettings {
+            capacity: config.event_queue,
+            throttles: config.throttles.clone(),
         });
-        let client_slots = Arc::new(Semaphore::new(self.config.max_clients));
+        let client_slots = Arc::new(Semaphore::new(config.max_clients));
         let version_json =
-            serde_json::value::RawValue::from_string(self.config.version.to_qemu_json())
-                .expect("the version text is JSON");
+            RawValue::from_string(config.version.to_qemu_json()).expect("the version text is JSON");
         Server {
             shared: Arc::new(Shared {
-                registry: Arc::new(self.registry),
-                config: self.config,
+                greeting: greeting(&config),
+                registry,
+                config,
                 events,
-                counters: Counters::default(),
                 version_json,
+                counters: Counters::default(),
+                returns: Arc::default(),
             }),
             shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            connections: TaskTracker::new(),
             client_slots,
+        }
+    }
+}
+
+/// `{"QMP": {"version": ..., "capabilities": [...]}}`, as QEMU spells it.
+fn greeting(config: &Config) -> Bytes {
+    let mut capabilities = Vec::new();
+    if config.offer_oob {
+        capabilities.push("\"oob\"");
+    }
+    if config.offer_async {
+        capabilities.push("\"async\"");
+    }
+    let text = format!(
+        r#"{{"QMP": {{"version": {}, "capabilities": [{}]}}}}"#,
+        config.version.to_qemu_json(),
+        capabilities.join(", ")
+    );
+    Bytes::from(text)
+}
+
+/// A client that holds one of the server's [`max_clients`](ServerBuilder::max_clients)
+/// slots and may be served: see [`Server::admit`] and [`Server::serve_admitted`].
+#[derive(Debug)]
+pub struct Admitted<T> {
+    transport: T,
+    peer: Option<String>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<T> Admitted<T> {
+    /// The client's transport.
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+}
+
+/// A connection's codec and the input it has read but not decoded yet: what survives a
+/// connection when the protocol's parser outlives clients (the guest agent), in the manner
+/// of `tokio_util::codec::FramedParts`.
+#[derive(Debug)]
+pub struct ConnectionParts<C> {
+    /// The codec, with its decoder's state.
+    pub codec: C,
+    /// Bytes read from earlier clients and not decoded yet.
+    pub read_buf: BytesMut,
+}
+
+impl<C> ConnectionParts<C> {
+    /// Parts with an empty input buffer.
+    pub fn new(codec: C) -> Self {
+        ConnectionParts {
+            codec,
+            read_buf: BytesMut::new(),
         }
     }
 }
@@ -176,13 +276,19 @@ impl Server {
         ServerBuilder {
             registry,
             config: Config::default(),
-            events: None,
+            events: Events::new(),
         }
     }
 
     /// The handle to emit events with.
     pub fn events(&self) -> &Events {
         &self.shared.events
+    }
+
+    /// What this server's connections share, for the session's own tests.
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// The command table, to disable or enable commands at run time.
@@ -195,21 +301,69 @@ impl Server {
         &self.shared.config
     }
 
-    /// Live totals: clients, commands in flight, live `QmpReturn`s, connection tasks.
+    /// Live totals: clients, commands in flight, live `QmpReturn`s, tasks.
     pub fn stats(&self) -> Stats {
         let counters = &self.shared.counters;
         Stats {
             clients: counters.clients.load(Ordering::Relaxed),
             in_flight: counters.in_flight.load(Ordering::Relaxed),
-            live_returns: counters.live_returns.load(Ordering::Relaxed),
-            connection_tasks: self.tasks.len(),
+            live_returns: self.shared.returns.live.load(Ordering::Relaxed),
+            connection_tasks: self.connections.len(),
+            handler_tasks: self.shared.returns.tasks.len(),
         }
     }
 
-    /// Accepts clients on a Unix socket until [`shutdown`](Self::shutdown).
+    /// A codec for one connection of this server: QEMU's decoder with the configured limits,
+    /// and the dialect's line ending.
+    pub fn codec(&self) -> QmpCodec {
+        let config = &self.shared.config;
+        QmpCodec::new(config.limits, config.dialect.line_ending)
+    }
+
+    /// Accepts clients on any listener (`UnixListener`, `TcpListener`, ...) until
+    /// [`shutdown`](Self::shutdown), serving each on its own task with a fresh codec.
+    ///
+    /// A client slot is taken *before* accepting, so clients beyond
+    /// [`max_clients`](ServerBuilder::max_clients) wait in the kernel's listen backlog, as
+    /// with QEMU. Transient accept errors (descriptor exhaustion, aborted connections) are
+    /// logged, rate-limited, and retried after a pause; any other error is returned.
+    pub async fn serve<L>(&self, listener: L) -> io::Result<()>
+    where
+        L: Listener,
+        L::Io: Transport,
+        L::Addr: std::fmt::Debug,
+    {
+        self.serve_with(listener, |server, client| async move {
+            let mut parts = ConnectionParts::new(server.codec());
+            server.serve_admitted(client, &mut parts).await;
+        })
+        .await
+    }
+
+    /// Accepts clients on a Unix socket; the same as [`serve`](Self::serve).
     pub async fn serve_unix(&self, listener: UnixListener) -> io::Result<()> {
+        self.serve(listener).await
+    }
+
+    /// Accepts clients on a TCP socket; the same as [`serve`](Self::serve).
+    pub async fn serve_tcp(&self, listener: TcpListener) -> io::Result<()> {
+        self.serve(listener).await
+    }
+
+    /// The accept loop behind [`serve`](Self::serve), serving each admitted client with
+    /// `serve_client` on a task of its own. For protocols that keep state across clients
+    /// (the guest agent hands its parser from one client to the next).
+    pub async fn serve_with<L, F, Fut>(&self, mut listener: L, serve_client: F) -> io::Result<()>
+    where
+        L: Listener,
+        L::Io: Transport,
+        L::Addr: std::fmt::Debug,
+        F: Fn(Server, Admitted<L::Io>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut errors = AcceptErrors::default();
         loop {
-            let Some(permit) = self.client_slot().await else {
+            let Some(slot) = self.client_slot().await else {
                 return Ok(());
             };
             let accepted = tokio::select! {
@@ -217,71 +371,79 @@ impl Server {
                 accepted = listener.accept() => accepted,
             };
             match accepted {
-                Ok((stream, _)) => self.spawn_with_permit(stream, permit, "unix".to_string()),
-                Err(e) => accept_error(e).await?,
+                Ok((transport, peer)) => {
+                    transport.on_accept();
+                    let client = Admitted {
+                        transport,
+                        peer: Some(format!("{peer:?}")),
+                        _slot: slot,
+                    };
+                    self.connections.spawn(serve_client(self.clone(), client));
+                }
+                Err(error) => errors.handle(error).await?,
             }
         }
     }
 
-    /// Accepts clients on a TCP socket until [`shutdown`](Self::shutdown).
-    pub async fn serve_tcp(&self, listener: TcpListener) -> io::Result<()> {
-        loop {
-            let Some(permit) = self.client_slot().await else {
-                return Ok(());
-            };
-            let accepted = tokio::select! {
-                () = self.shutdown.cancelled() => return Ok(()),
-                accepted = listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    self.spawn_with_permit(stream, permit, peer.to_string());
-                }
-                Err(e) => accept_error(e).await?,
-            }
-        }
+    /// Waits for a client slot for `transport`; `None` once the server shuts down.
+    pub async fn admit<T>(&self, transport: T) -> Option<Admitted<T>> {
+        let slot = self.client_slot().await?;
+        Some(Admitted {
+            transport,
+            peer: None,
+            _slot: slot,
+        })
     }
 
     /// Serves one client on any transport (stdio, a character device), in this task, until
-    /// it disconnects or the server shuts down.
-    ///
-    /// Each connection starts with a fresh JSON parser, as QEMU's monitor does. A protocol
-    /// whose parser outlives clients (the guest agent) keeps one connection and attaches
-    /// clients to its transport instead; see `qmp-qga`.
+    /// it disconnects or the server shuts down. Waits first for a client slot. Each call
+    /// starts with a fresh codec, as QEMU's monitor re-creates its parser on every connect.
     pub async fn serve_connection<T: Transport>(&self, transport: T) {
-        let client = self
-            .shared
-            .counters
-            .next_client
-            .fetch_add(1, Ordering::Relaxed);
-        // DEBUG, not INFO: the span is entered on every poll of the connection.
-        let span = tracing::debug_span!("qmp_client", client);
-        let _token = self.tasks.token();
-        self.shared.counters.clients.fetch_add(1, Ordering::Relaxed);
-        let end = connection::serve(
-            Arc::clone(&self.shared),
-            transport,
-            self.shutdown.clone(),
-            client,
-        )
-        .instrument(span)
-        .await;
-        self.shared.counters.clients.fetch_sub(1, Ordering::Relaxed);
-        tracing::debug!(client, ?end, "client disconnected");
+        if let Some(client) = self.admit(transport).await {
+            let mut parts = ConnectionParts::new(self.codec());
+            self.serve_admitted(client, &mut parts).await;
+        }
     }
 
     /// Spawns a task serving one client, counted by [`wait`](Self::wait).
     pub fn spawn_connection<T: Transport>(&self, transport: T) {
         let server = self.clone();
-        self.tasks
+        self.connections
             .spawn(async move { server.serve_connection(transport).await });
+    }
+
+    /// Serves an admitted client with the given codec and unread input, in this task. When
+    /// the client leaves, `parts` holds the codec's state and the bytes not decoded yet, for
+    /// the next client of a protocol whose parser outlives connections. If this future is
+    /// dropped, `parts` stays consistent.
+    pub async fn serve_admitted<T: Transport, C: ServerCodec>(
+        &self,
+        client: Admitted<T>,
+        parts: &mut ConnectionParts<C>,
+    ) {
+        let counters = &self.shared.counters;
+        let id = counters.next_client.fetch_add(1, Ordering::Relaxed);
+        // DEBUG, not INFO: the span is entered on every poll of the connection.
+        let span = tracing::debug_span!("qmp_client", client = id, peer = client.peer.as_deref());
+        let _task = self.connections.token();
+        counters.clients.fetch_add(1, Ordering::Relaxed);
+        let connection = Connection::new(
+            Arc::clone(&self.shared),
+            client.transport,
+            parts,
+            self.shutdown.child_token(),
+            id,
+        );
+        let end: End = connection.run().instrument(span).await;
+        counters.clients.fetch_sub(1, Ordering::Relaxed);
+        tracing::debug!(client = id, ?end, "client disconnected");
     }
 
     /// Stops accepting, cancels every in-flight command and closes every connection.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
-        self.tasks.close();
+        self.connections.close();
+        self.shared.returns.tasks.close();
     }
 
     /// True once [`shutdown`](Self::shutdown) was called.
@@ -294,38 +456,80 @@ impl Server {
         self.shutdown.cancelled().await
     }
 
-    /// Waits until every connection task has ended (after [`shutdown`](Self::shutdown)).
+    /// Waits until every connection task and every piece of tracked handler work has ended
+    /// (after [`shutdown`](Self::shutdown)).
     pub async fn wait(&self) {
-        self.tasks.wait().await
+        self.connections.wait().await;
+        self.shared.returns.tasks.wait().await;
     }
 
-    async fn client_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    async fn client_slot(&self) -> Option<OwnedSemaphorePermit> {
         tokio::select! {
             () = self.shutdown.cancelled() => None,
             permit = Arc::clone(&self.client_slots).acquire_owned() => permit.ok(),
         }
     }
+}
 
-    fn spawn_with_permit<T: Transport>(
-        &self,
-        transport: T,
-        permit: tokio::sync::OwnedSemaphorePermit,
-        peer: String,
-    ) {
-        let server = self.clone();
-        tracing::debug!(%peer, "client connected");
-        self.tasks.spawn(async move {
-            server.serve_connection(transport).await;
-            drop(permit);
-        });
+/// How the accept loop treats errors: transient ones (the process or system is out of
+/// descriptors or memory, a connection died in the backlog) are retried after
+/// [`ACCEPT_RETRY`], with one warning per [`ACCEPT_WARN_EVERY`] at most, so descriptor
+/// exhaustion cannot flood the log; anything else ends the loop.
+#[derive(Default)]
+struct AcceptErrors {
+    last_warning: Option<Instant>,
+    suppressed: u64,
+}
+
+/// Pause after a transient accept error.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+/// At most one accept warning this often.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
+
+impl AcceptErrors {
+    async fn handle(&mut self, error: io::Error) -> io::Result<()> {
+        if !is_transient(&error) {
+            tracing::error!(cause = %error, "accept failed; no longer accepting");
+            return Err(error);
+        }
+        let now = Instant::now();
+        if self
+            .last_warning
+            .is_none_or(|last| now.duration_since(last) >= ACCEPT_WARN_EVERY)
+        {
+            tracing::warn!(cause = %error, suppressed = self.suppressed, "accept failed; retrying");
+            self.last_warning = Some(now);
+            self.suppressed = 0;
+        } else {
+            self.suppressed += 1;
+        }
+        tokio::time::sleep(ACCEPT_RETRY).await;
+        Ok(())
     }
 }
 
-/// Accept errors such as EMFILE are transient: log, back off, keep serving.
-async fn accept_error(e: io::Error) -> io::Result<()> {
-    tracing::warn!(cause = %e, "accept failed");
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    Ok(())
+/// Accept errors that pass: resource exhaustion and connections that died while queued.
+fn is_transient(error: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    if matches!(
+        error.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | OutOfMemory
+    ) {
+        return true;
+    }
+    use nix::errno::Errno;
+    // A firewall refusing one connection shows as EPERM.
+    let transient = [
+        Errno::EMFILE,
+        Errno::ENFILE,
+        Errno::ENOBUFS,
+        Errno::ENOMEM,
+        Errno::EPROTO,
+        Errno::EPERM,
+    ];
+    error
+        .raw_os_error()
+        .is_some_and(|code| transient.iter().any(|errno| *errno as i32 == code))
 }
 
 impl std::fmt::Debug for Server {

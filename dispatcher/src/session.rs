@@ -1,51 +1,32 @@
-//! One client's protocol state: negotiation, capabilities, the legacy in-band backlog, the
-//! in-flight table, and the rule that says whether the connection may read more input.
+//! One client's protocol state machine: negotiation, capabilities, the legacy in-band
+//! backlog, the in-flight table, and the rule that says whether it takes more input.
 //!
-//! No I/O happens here. The connection task feeds frames and completions in and writes out
-//! whatever accumulates in [`Session::out`].
+//! Sans-IO: decoded [`Frame`]s and outbox messages go in, [`Message`]s come out of
+//! [`Session::next_output`]. The connection owns the bytes; every protocol rule is here and
+//! can be tested without a socket (see the tests at the end).
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
 
-use bytes::BytesMut;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, LEGACY_QUEUE_LEN};
+use crate::config::{LEGACY_QUEUE_LEN, OOB_RESERVE};
 use crate::error::QmpError;
-use crate::events::{Events, Subscription};
-use crate::in_flight::{InFlight, NewEntry};
+use crate::events::Subscription;
+use crate::in_flight::{self, InFlight, NewEntry};
 use crate::qmp_return::{Completion, Outcome, Outgoing, QmpReturn, Ticket};
-use crate::registry::{Builtin, Kind, Registry};
+use crate::registry::{Builtin, Kind};
+use crate::server::Shared;
 use crate::wire::request::{self, Request, RequestError};
-use crate::wire::{Frame, encode};
+use crate::wire::{Frame, Id, Message, canonical_key};
 
-/// State shared by every connection of one server.
-pub(crate) struct Shared {
-    pub(crate) registry: Arc<Registry>,
-    pub(crate) config: Config,
-    pub(crate) events: Events,
-    pub(crate) counters: Counters,
-    /// `query-version`'s reply, written once in QEMU's member order.
-    pub(crate) version_json: Box<RawValue>,
-}
-
-/// Live totals across a server's connections, for [`crate::Stats`].
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) clients: AtomicUsize,
-    pub(crate) in_flight: Arc<AtomicUsize>,
-    pub(crate) live_returns: Arc<AtomicUsize>,
-    pub(crate) next_client: AtomicU64,
-}
-
-/// An in-band item waiting its turn behind a running legacy command: a request, or the
-/// error reply of input that could not become one (errors keep their place in line).
-enum InBand {
+/// Input that became a request, or the error reply of input that could not (errors keep
+/// their place in a legacy client's line).
+enum Input {
     Request(Request),
     Reject(RequestError),
 }
@@ -53,27 +34,31 @@ enum InBand {
 pub(crate) struct Session {
     shared: Arc<Shared>,
     /// Log and span field naming this client.
-    pub(crate) client: u64,
+    client: u64,
     /// False until `qmp_capabilities` succeeds (always true without negotiation).
     negotiated: bool,
     oob: bool,
     async_mode: bool,
     in_flight: InFlight,
-    /// Legacy clients: in-band requests read but not started (QEMU's request queue).
-    backlog: VecDeque<InBand>,
+    /// Legacy clients: in-band input read but not started (QEMU's request queue).
+    backlog: VecDeque<Input>,
     /// Legacy clients: the in-band command executing now; nothing else in-band starts until
     /// it replies.
     running: Option<Ticket>,
-    /// Encoded output not yet written to the socket.
-    pub(crate) out: BytesMut,
+    /// Async clients at their in-flight cap or retained budget: the one request read ahead,
+    /// waiting for room. Requests that need no room still run meanwhile.
+    lookahead: Option<Request>,
+    /// Messages for the client, in the order they must be written.
+    output: VecDeque<Message>,
     /// The connection's outbox: handlers' replies and events arrive through it, in order.
-    outbox: mpsc::UnboundedSender<Outgoing>,
+    /// Dropped on close, so the outbox closes once no handler holds a return any more.
+    outbox: Option<mpsc::UnboundedSender<Outgoing>>,
     /// The connection's token; every in-flight command holds a child of it.
     cancel: CancellationToken,
     /// Events flow into the outbox while this is held: from negotiation to disconnect.
     events: Option<Subscription>,
-    /// Events were lost because this client fell behind; the connection ends.
-    pub(crate) lagged: bool,
+    /// Events were lost because this client fell behind; the connection must end.
+    lagged: bool,
 }
 
 impl Session {
@@ -92,36 +77,36 @@ impl Session {
             in_flight: InFlight::new(Arc::clone(&shared.counters.in_flight)),
             backlog: VecDeque::new(),
             running: None,
-            out: BytesMut::with_capacity(4096),
-            outbox,
+            lookahead: None,
+            output: VecDeque::new(),
+            outbox: Some(outbox),
             cancel,
             events: None,
             lagged: false,
             shared,
         };
         if dialect.greeting {
-            session.write_greeting();
+            let greeting = session.shared.greeting.clone();
+            session.output.push_back(Message::Greeting(greeting));
         }
-        if dialect.events && session.negotiated {
-            session.events = Some(session.shared.events.subscribe(session.outbox.clone()));
+        if session.negotiated {
+            session.subscribe();
         }
         session
     }
 
-    /// Whether the connection may take another request from its input: QEMU's monitor
-    /// suspension for legacy clients, the in-flight cap for async ones, and output
-    /// backpressure for both.
-    pub(crate) fn can_read(&self) -> bool {
-        if self.out.len() >= self.shared.config.output_high_water {
-            return false;
-        }
-        if self.in_flight.len() >= self.shared.config.max_in_flight {
-            // Also bounds deferred exec-oob commands of legacy clients.
-            return false;
-        }
+    /// Whether the session takes another frame: QEMU's monitor suspension for legacy
+    /// clients; for async clients, one frame of lookahead beyond the in-flight cap and the
+    /// retained budget, so control commands still run there.
+    pub(crate) fn wants_input(&self) -> bool {
         if self.async_mode {
-            true
-        } else if self.oob {
+            return self.lookahead.is_none();
+        }
+        // Also bounds deferred exec-oob commands of legacy clients.
+        if !self.has_room(false) {
+            return false;
+        }
+        if self.oob {
             self.backlog.len() < LEGACY_QUEUE_LEN
         } else {
             self.running.is_none() && self.backlog.is_empty()
@@ -130,14 +115,27 @@ impl Session {
 
     /// True while some request still owes a reply.
     pub(crate) fn has_pending(&self) -> bool {
-        !self.in_flight.is_empty() || !self.backlog.is_empty() || self.running.is_some()
+        !self.in_flight.is_empty()
+            || !self.backlog.is_empty()
+            || self.running.is_some()
+            || self.lookahead.is_some()
+    }
+
+    /// True once events were lost because the client did not keep up; the connection ends.
+    pub(crate) fn is_lagged(&self) -> bool {
+        self.lagged
+    }
+
+    /// The next message for the client, in order.
+    pub(crate) fn next_output(&mut self) -> Option<Message> {
+        self.output.pop_front()
     }
 
     /// Handles one decoded input frame.
     pub(crate) fn on_frame(&mut self, frame: Frame) {
-        let (item, out_of_band) = match frame {
+        let (input, out_of_band) = match frame {
             Frame::Error(desc) => (
-                InBand::Reject(RequestError {
+                Input::Reject(RequestError {
                     id: None,
                     error: QmpError::generic(desc),
                 }),
@@ -146,17 +144,19 @@ impl Session {
             Frame::Value(parsed) => {
                 let out_of_band = request::is_oob_keyed(&parsed.value);
                 match request::parse(parsed, self.oob) {
-                    Ok(request) => (InBand::Request(request), out_of_band),
-                    Err(rejected) => (InBand::Reject(rejected), out_of_band),
+                    Ok(request) => (Input::Request(request), out_of_band),
+                    Err(rejected) => (Input::Reject(rejected), out_of_band),
                 }
             }
         };
-        if out_of_band || self.async_mode {
-            self.execute(item, false);
+        if self.async_mode {
+            self.admit(input);
+        } else if out_of_band {
+            self.execute(input, false);
         } else {
-            self.backlog.push_back(item);
+            self.backlog.push_back(input);
         }
-        self.pump();
+        self.advance();
     }
 
     /// Handles whatever arrived in the outbox.
@@ -166,42 +166,12 @@ impl Session {
             Outgoing::Event(line) => {
                 if let Some(subscription) = &self.events {
                     subscription.delivered();
-                    // Only events can pile up unasked: replies are bounded by the in-flight
-                    // cap and by reading pausing at `output_high_water`, so a large reply
-                    // never counts against a client.
-                    if self.out.len() + line.len() > self.shared.config.max_pending_output {
-                        self.lagged = true;
-                        return;
-                    }
-                    self.out.extend_from_slice(&line);
+                    self.output.push_back(Message::Event(line));
                 }
             }
             Outgoing::Lagged => self.lagged = true,
         }
-    }
-
-    /// Handles a handler's reply.
-    fn on_completion(&mut self, completion: Completion) {
-        let Some(entry) = self.in_flight.take(completion.ticket) else {
-            return; // Cancelled: the reply has nobody to go to.
-        };
-        let ending = self.shared.config.dialect.line_ending;
-        match completion.outcome {
-            Outcome::Return { .. } if entry.silent_success => {}
-            Outcome::Return { value, prefix } => {
-                if let Some(prefix) = prefix {
-                    self.out.extend_from_slice(prefix);
-                }
-                encode::success(&mut self.out, &value, entry.id.as_deref(), ending);
-            }
-            Outcome::Error(error) => {
-                encode::error(&mut self.out, &error, entry.id.as_deref(), ending)
-            }
-        }
-        if self.running == Some(completion.ticket) {
-            self.running = None;
-            self.pump();
-        }
+        self.advance();
     }
 
     /// The client is gone or the server stops: cancel everything it had in flight.
@@ -209,8 +179,10 @@ impl Session {
         let cancelled = self.in_flight.len();
         self.in_flight.cancel_all();
         self.backlog.clear();
+        self.lookahead = None;
         self.running = None;
         self.events = None;
+        self.outbox = None;
         if cancelled > 0 {
             tracing::debug!(
                 client = self.client,
@@ -220,22 +192,90 @@ impl Session {
         }
     }
 
-    /// Starts queued in-band work while nothing in-band is running (legacy clients).
-    fn pump(&mut self) {
-        while self.running.is_none() {
-            let Some(item) = self.backlog.pop_front() else {
-                break;
-            };
-            self.execute(item, true);
+    /// A handler's reply.
+    fn on_completion(&mut self, completion: Completion) {
+        let Some(entry) = self.in_flight.take(completion.ticket) else {
+            return; // Cancelled: the reply has nobody to go to.
+        };
+        match completion.outcome {
+            Outcome::Return(_) if entry.silent_success => {}
+            Outcome::Return(value) => self.output.push_back(Message::Return {
+                command: entry.command,
+                id: entry.id,
+                value,
+            }),
+            Outcome::Error(error) => self.push_error(entry.id, error),
+        }
+        self.left_in_flight(completion.ticket);
+    }
+
+    /// A command left the in-flight table; [`advance`](Self::advance) then starts what
+    /// waited for it.
+    fn left_in_flight(&mut self, ticket: Ticket) {
+        if self.running == Some(ticket) {
+            self.running = None;
         }
     }
 
-    fn execute(&mut self, item: InBand, in_band: bool) {
-        let request = match item {
-            InBand::Request(request) => request,
-            InBand::Reject(rejected) => {
-                return self.write_error(rejected.id.as_deref(), &rejected.error);
+    /// Starts whatever may start now: queued in-band work of a legacy client while nothing
+    /// in-band runs, and an async client's lookahead once there is room. Called at the end
+    /// of every input, so replies already produced keep their order.
+    fn advance(&mut self) {
+        while self.running.is_none() {
+            let Some(input) = self.backlog.pop_front() else {
+                break;
+            };
+            self.execute(input, true);
+        }
+        let room = self
+            .lookahead
+            .as_ref()
+            .is_some_and(|r| self.has_room(r.oob));
+        if room {
+            let request = self.lookahead.take().expect("checked above");
+            self.execute(Input::Request(request), false);
+        }
+    }
+
+    /// Whether the in-flight table has room for one more command: below the cap (plus
+    /// [`OOB_RESERVE`] for `exec-oob`) and within the retained budget. An empty table always
+    /// has room, so no single request that QEMU accepts is refused.
+    fn has_room(&self, oob: bool) -> bool {
+        let config = &self.shared.config;
+        let cap = config.max_in_flight + if oob { OOB_RESERVE } else { 0 };
+        self.in_flight.is_empty()
+            || (self.in_flight.len() < cap && self.in_flight.retained() < config.max_retained)
+    }
+
+    /// Async clients: run now what has room or needs none; keep the rest as the lookahead.
+    fn admit(&mut self, input: Input) {
+        if let Input::Request(request) = &input {
+            if self.may_enter_in_flight(request) && !self.has_room(request.oob) {
+                let Input::Request(request) = input else {
+                    unreachable!()
+                };
+                self.lookahead = Some(request);
+                return;
             }
+        }
+        self.execute(input, false);
+    }
+
+    /// Whether dispatching `request` could add to the in-flight table: it names a command
+    /// with a handler. Built-ins and requests rejected before dispatch answer at once.
+    fn may_enter_in_flight(&self, request: &Request) -> bool {
+        self.negotiated
+            && self
+                .shared
+                .registry
+                .get(&request.command)
+                .is_some_and(|command| matches!(command.kind, Kind::Handler(_)))
+    }
+
+    fn execute(&mut self, input: Input, in_band: bool) {
+        let request = match input {
+            Input::Request(request) => request,
+            Input::Reject(rejected) => return self.push_error(rejected.id, rejected.error),
         };
         let ticket = self.dispatch(request);
         if in_band && !self.async_mode {
@@ -246,91 +286,83 @@ impl Session {
     /// Looks the command up and starts it; returns the ticket when a handler now owes a
     /// reply (built-ins and rejections answer at once).
     fn dispatch(&mut self, request: Request) -> Option<Ticket> {
-        let shared = Arc::clone(&self.shared);
-        if !self.negotiated && request.command != "qmp_capabilities" {
+        let Request {
+            command: name,
+            oob,
+            arguments,
+            id,
+            ..
+        } = request;
+        if !self.negotiated && name != "qmp_capabilities" {
             let error = QmpError::command_not_found(
                 "Expecting capabilities negotiation with 'qmp_capabilities'",
             );
-            self.write_error(request.id.as_deref(), &error);
+            self.push_error(id, error);
             return None;
         }
-        let id_key = match self.async_checks(&request) {
-            Ok(id_key) => id_key,
-            Err(error) => {
-                self.write_error(request.id.as_deref(), &error);
-                return None;
-            }
-        };
-        let Some(command) = shared.registry.get(&request.command) else {
-            let error = QmpError::command_not_found(format!(
-                "The command {} has not been found",
-                request.command
-            ));
-            self.write_error(request.id.as_deref(), &error);
+        if let Err(error) = self.async_checks(id.as_ref()) {
+            self.push_error(id, error);
+            return None;
+        }
+        let shared = Arc::clone(&self.shared);
+        let Some(command) = shared.registry.get(&name) else {
+            let error =
+                QmpError::command_not_found(format!("The command {name} has not been found"));
+            self.push_error(id, error);
             return None;
         };
         if let Some(reason) = command.disabled() {
             let desc = match reason {
-                Some(reason) => format!("Command {} has been disabled: {reason}", request.command),
-                None => format!("Command {} has been disabled", request.command),
+                Some(reason) => format!("Command {name} has been disabled: {reason}"),
+                None => format!("Command {name} has been disabled"),
             };
-            let error = QmpError::command_not_found(desc);
-            self.write_error(request.id.as_deref(), &error);
+            self.push_error(id, QmpError::command_not_found(desc));
             return None;
         }
-        if request.oob && !command.allow_oob {
-            let error = QmpError::generic(format!(
-                "The command {} does not support OOB",
-                request.command
-            ));
-            self.write_error(request.id.as_deref(), &error);
+        if oob && !command.allow_oob {
+            let error = QmpError::generic(format!("The command {name} does not support OOB"));
+            self.push_error(id, error);
             return None;
         }
         let handler = match &command.kind {
-            Kind::Builtin(Builtin::QueryVersion) if request.arguments.is_empty() => {
-                let ending = shared.config.dialect.line_ending;
-                encode::success(
-                    &mut self.out,
-                    &shared.version_json,
-                    request.id.as_deref(),
-                    ending,
-                );
-                return None;
-            }
             Kind::Builtin(builtin) => {
-                let result = self.builtin(*builtin, request.arguments);
-                self.write_result(request.id.as_deref(), result);
+                match self.builtin(*builtin, arguments) {
+                    Ok(value) => self.output.push_back(Message::Return {
+                        command: Arc::clone(&command.name),
+                        id,
+                        value,
+                    }),
+                    Err(error) => self.push_error(id, error),
+                }
                 return None;
             }
             Kind::Handler(handler) => Arc::clone(handler),
         };
 
-        let id_key = match id_key {
-            None if self.async_mode => request.id_value.as_ref().map(Value::to_string),
-            id_key => id_key,
-        };
         let cancel = self.cancel.child_token();
         let ticket = self.in_flight.insert(NewEntry {
-            id: request.id,
-            id_key,
+            id,
             command: Arc::clone(&command.name),
             cancel: cancel.clone(),
-            oob: request.oob,
+            oob,
             silent_success: command.silent_success,
             indexed: self.async_mode,
         });
+        let outbox = self
+            .outbox
+            .clone()
+            .expect("a closed session dispatches nothing");
         let ret = QmpReturn::new(
-            self.outbox.clone(),
+            outbox,
             ticket,
             Arc::clone(&command.name),
             cancel,
-            Arc::clone(&shared.counters.live_returns),
+            Arc::clone(&shared.returns),
         );
         let span = tracing::debug_span!("command", client = self.client, cmd = %command.name);
         let _entered = span.enter();
         // A panicking handler drops `ret` while unwinding, which answers the client.
-        let call =
-            std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(request.arguments, ret)));
+        let call = std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(arguments, ret)));
         if call.is_err() {
             tracing::error!("command handler panicked");
         }
@@ -338,26 +370,22 @@ impl Session {
     }
 
     /// The async capability's rules: an id is required and must not match one in flight.
-    /// Returns the id's canonical form for the in-flight index.
-    fn async_checks(&self, request: &Request) -> Result<Option<String>, QmpError> {
+    fn async_checks(&self, id: Option<&Id>) -> Result<(), QmpError> {
         if !self.async_mode {
-            return Ok(None);
+            return Ok(());
         }
-        let Some(id) = &request.id_value else {
+        let Some(id) = id else {
             return Err(QmpError::generic(
                 "QMP input lacks member 'id', required by capability 'async'",
             ));
         };
-        if self.in_flight.is_empty() {
-            return Ok(None); // Nothing to clash with; the key is made if the command defers.
-        }
-        let id_key = id.to_string();
-        if self.in_flight.has_id(&id_key) {
+        if self.in_flight.has_id(id.key()) {
             return Err(QmpError::generic(format!(
-                "QMP input member 'id' {id_key} is already in use by a command in flight"
+                "QMP input member 'id' {} is already in use by a command in flight",
+                id.key()
             )));
         }
-        Ok(Some(id_key))
+        Ok(())
     }
 
     fn builtin(
@@ -366,7 +394,7 @@ impl Session {
         arguments: Map<String, Value>,
     ) -> Result<Box<RawValue>, QmpError> {
         let value = match builtin {
-            Builtin::QmpCapabilities => self.negotiate(arguments),
+            Builtin::QmpCapabilities => self.negotiate(arguments)?,
             Builtin::QueryVersion => {
                 no_args(arguments)?;
                 return Ok(self.shared.version_json.clone());
@@ -374,23 +402,20 @@ impl Session {
             Builtin::QueryCommands => {
                 no_args(arguments)?;
                 let names = self.shared.registry.commands().filter(|c| c.enabled);
-                Ok(Value::Array(
+                Value::Array(
                     names
                         .map(|c| serde_json::json!({ "name": c.name }))
                         .collect(),
-                ))
+                )
             }
             Builtin::QueryAsyncCommands => {
                 no_args(arguments)?;
-                Ok(Value::Array(
-                    self.in_flight
-                        .iter()
-                        .map(|(_, entry)| in_flight_info(entry))
-                        .collect(),
-                ))
+                let rows: Vec<InFlightRow<'_>> =
+                    self.in_flight.iter().map(|(_, e)| row(e)).collect();
+                return Ok(serde_json::value::to_raw_value(&rows).expect("rows serialize"));
             }
-            Builtin::AsyncCommandCancel => self.cancel_by_id(arguments),
-        }?;
+            Builtin::AsyncCommandCancel => self.cancel_by_id(arguments)?,
+        };
         Ok(serde_json::value::to_raw_value(&value).expect("a Value always serializes"))
     }
 
@@ -448,9 +473,7 @@ impl Session {
         self.oob = wanted.contains(&"oob");
         self.async_mode = wanted.contains(&"async");
         self.negotiated = true;
-        if config.dialect.events {
-            self.events = Some(self.shared.events.subscribe(self.outbox.clone()));
-        }
+        self.subscribe();
         tracing::debug!(
             client = self.client,
             oob = self.oob,
@@ -458,6 +481,13 @@ impl Session {
             "capabilities negotiated"
         );
         Ok(Value::Object(Map::new()))
+    }
+
+    /// Events start flowing to this client, if the dialect has events.
+    fn subscribe(&mut self) {
+        if let (true, Some(outbox)) = (self.shared.config.dialect.events, &self.outbox) {
+            self.events = Some(self.shared.events.subscribe(outbox.clone()));
+        }
     }
 
     /// `async-command-cancel`: cancels one of this client's own commands. The cancelled
@@ -469,18 +499,8 @@ impl Session {
             id: Value,
         }
         let CancelArgs { id } = crate::args::decode(arguments)?;
-        let id_key = id.to_string();
-        let found = if self.async_mode {
-            self.in_flight.take_by_id(&id_key)
-        } else {
-            let ticket = self.in_flight.iter().find_map(|(ticket, entry)| {
-                let raw = entry.id.as_deref()?;
-                let value: Value = serde_json::from_str(raw.get()).ok()?;
-                (value == id).then_some(ticket)
-            });
-            ticket.and_then(|ticket| self.in_flight.take(ticket).map(|entry| (ticket, entry)))
-        };
-        let Some((ticket, entry)) = found else {
+        let id_key = canonical_key(&id);
+        let Some((ticket, entry)) = self.in_flight.take_by_id(&id_key) else {
             return Err(QmpError::generic(format!(
                 "No command with id {id_key} is in flight"
             )));
@@ -488,53 +508,13 @@ impl Session {
         entry.cancel.cancel();
         tracing::debug!(client = self.client, cmd = %entry.command, "command cancelled by the client");
         let error = QmpError::generic(format!("Command {} has been cancelled", entry.command));
-        self.write_error(entry.id.as_deref(), &error);
-        if self.running == Some(ticket) {
-            self.running = None;
-        }
+        self.push_error(entry.id, error);
+        self.left_in_flight(ticket);
         Ok(Value::Object(Map::new()))
     }
 
-    fn write_result(&mut self, id: Option<&RawValue>, result: Result<Box<RawValue>, QmpError>) {
-        match result {
-            Ok(raw) => {
-                encode::success(
-                    &mut self.out,
-                    &raw,
-                    id,
-                    self.shared.config.dialect.line_ending,
-                );
-            }
-            Err(error) => self.write_error(id, &error),
-        }
-    }
-
-    fn write_error(&mut self, id: Option<&RawValue>, error: &QmpError) {
-        encode::error(
-            &mut self.out,
-            error,
-            id,
-            self.shared.config.dialect.line_ending,
-        );
-    }
-
-    fn write_greeting(&mut self) {
-        let config = &self.shared.config;
-        let mut capabilities = Vec::new();
-        if config.offer_oob {
-            capabilities.push("\"oob\"");
-        }
-        if config.offer_async {
-            capabilities.push("\"async\"");
-        }
-        let greeting = format!(
-            r#"{{"QMP": {{"version": {}, "capabilities": [{}]}}}}"#,
-            config.version.to_qemu_json(),
-            capabilities.join(", ")
-        );
-        self.out.extend_from_slice(greeting.as_bytes());
-        self.out
-            .extend_from_slice(config.dialect.line_ending.as_bytes());
+    fn push_error(&mut self, id: Option<Id>, error: QmpError) {
+        self.output.push_back(Message::Error { id, error });
     }
 }
 
@@ -546,21 +526,341 @@ fn no_args(arguments: Map<String, Value>) -> Result<(), QmpError> {
     crate::args::decode::<crate::args::NoArgs>(arguments).map(drop)
 }
 
-/// One row of `query-async-commands`.
-fn in_flight_info(entry: &crate::in_flight::Entry) -> Value {
-    let id = entry
-        .id
-        .as_deref()
-        .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok());
-    let mut row = Map::new();
-    if let Some(id) = id {
-        row.insert("id".into(), id);
+/// One row of `query-async-commands`. The id is the request's own text, so any id the
+/// client could send can be listed.
+#[derive(serde::Serialize)]
+struct InFlightRow<'a> {
+    command: &'a str,
+    #[serde(rename = "elapsed-ms")]
+    elapsed_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a RawValue>,
+    oob: bool,
+}
+
+fn row(entry: &in_flight::Entry) -> InFlightRow<'_> {
+    InFlightRow {
+        command: &entry.command,
+        elapsed_ms: entry.started.elapsed().as_millis() as u64,
+        id: entry.id.as_ref().map(Id::text),
+        oob: entry.oob,
     }
-    row.insert("command".into(), Value::String(entry.command.to_string()));
-    row.insert(
-        "elapsed-ms".into(),
-        Value::from(entry.started.elapsed().as_millis() as u64),
-    );
-    row.insert("oob".into(), Value::Bool(entry.oob));
-    Value::Object(row)
+}
+
+/// The session's rules, driven synchronously without sockets: frames in, messages out.
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use bytes::BytesMut;
+    use serde_json::json;
+    use tokio_util::codec::{Decoder, Encoder};
+
+    use super::*;
+    use crate::wire::{Limits, LineEnding, QmpCodec};
+    use crate::{Command, Registry, Server, ServerBuilder};
+
+    /// Returns parked by the `park` command, by request key.
+    type Parked = Arc<Mutex<Vec<QmpReturn>>>;
+
+    struct Harness {
+        session: Session,
+        outbox: mpsc::UnboundedReceiver<Outgoing>,
+        codec: QmpCodec,
+        parked: Parked,
+        cancel: CancellationToken,
+        _server: Server,
+    }
+
+    impl Harness {
+        fn new(configure: impl FnOnce(ServerBuilder) -> ServerBuilder) -> Harness {
+            let parked: Parked = Arc::default();
+            let keep = Arc::clone(&parked);
+            let mut registry = Registry::builder();
+            registry
+                .add(Command::raw("park", move |_, ret: QmpReturn| {
+                    keep.lock().unwrap().push(ret)
+                }))
+                .unwrap()
+                .add(
+                    Command::raw("echo", |args: Map<String, Value>, ret: QmpReturn| {
+                        ret.ok(&args)
+                    })
+                    .allow_oob(),
+                )
+                .unwrap();
+            let server = configure(Server::builder(registry.build())).build();
+            let (tx, outbox) = mpsc::unbounded_channel();
+            let cancel = CancellationToken::new();
+            let session = Session::new(Arc::clone(server.shared()), 0, tx, cancel.clone());
+            let mut harness = Harness {
+                session,
+                outbox,
+                codec: QmpCodec::new(Limits::default(), LineEnding::Lf),
+                parked,
+                cancel,
+                _server: server,
+            };
+            let greeting = harness.output();
+            assert!(greeting[0].get("QMP").is_some(), "{greeting:?}");
+            harness
+        }
+
+        fn negotiated(
+            caps: &[&str],
+            configure: impl FnOnce(ServerBuilder) -> ServerBuilder,
+        ) -> Self {
+            let mut harness = Harness::new(configure);
+            harness.send(&json!({"execute": "qmp_capabilities", "arguments": {"enable": caps}}));
+            assert_eq!(harness.output(), [json!({"return": {}})]);
+            harness
+        }
+
+        /// Feeds raw input text, frame by frame, as the connection would while the session
+        /// wants input; returns how many bytes were left undecoded.
+        fn feed(&mut self, text: &str) -> usize {
+            let mut input = BytesMut::from(text.as_bytes());
+            while self.session.wants_input() {
+                match self.codec.decode(&mut input).unwrap() {
+                    Some(frame) => self.session.on_frame(frame),
+                    None => break,
+                }
+                self.deliver();
+            }
+            input.len()
+        }
+
+        fn send(&mut self, request: &Value) {
+            assert_eq!(self.feed(&request.to_string()), 0, "not taken: {request}");
+        }
+
+        /// Hands every outbox message to the session.
+        fn deliver(&mut self) {
+            while let Ok(message) = self.outbox.try_recv() {
+                self.session.on_outgoing(message);
+            }
+        }
+
+        /// Everything the session has to say now, as JSON values.
+        fn output(&mut self) -> Vec<Value> {
+            self.deliver();
+            let mut bytes = BytesMut::new();
+            while let Some(message) = self.session.next_output() {
+                self.codec.encode(message, &mut bytes).unwrap();
+            }
+            bytes[..]
+                .split(|&b| b == b'\n')
+                .filter(|line| !line.is_empty())
+                .map(|line| serde_json::from_slice(line).unwrap())
+                .collect()
+        }
+
+        fn release(&mut self, index: usize, value: Value) {
+            let ret = self.parked.lock().unwrap().remove(index);
+            ret.ok(&value);
+        }
+    }
+
+    fn error(id: Option<Value>, desc: &str) -> Value {
+        let mut reply = json!({"error": {"class": "GenericError", "desc": desc}});
+        if let Some(id) = id {
+            reply["id"] = id;
+        }
+        reply
+    }
+
+    #[test]
+    fn negotiation_comes_first_and_once() {
+        let mut h = Harness::new(|b| b);
+        h.send(&json!({"execute": "echo", "id": 1}));
+        assert_eq!(
+            h.output(),
+            [json!({"id": 1, "error": {"class": "CommandNotFound",
+                "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}})]
+        );
+        h.send(&json!({"execute": "qmp_capabilities", "arguments": {"enable": ["bogus"]}}));
+        assert_eq!(
+            h.output(),
+            [error(
+                None,
+                "Parameter 'null' does not accept value 'bogus'"
+            )]
+        );
+        h.send(&json!({"execute": "qmp_capabilities"}));
+        h.send(&json!({"execute": "qmp_capabilities"}));
+        assert_eq!(
+            h.output(),
+            [
+                json!({"return": {}}),
+                json!({"error": {"class": "CommandNotFound",
+                    "desc": "Capabilities negotiation is already complete, command ignored"}})
+            ]
+        );
+    }
+
+    #[test]
+    fn a_legacy_client_is_suspended_while_its_command_runs() {
+        let mut h = Harness::negotiated(&[], |b| b);
+        let rest = h.feed(r#"{"execute":"park","id":1}{"execute":"echo","id":2}"#);
+        assert!(
+            rest > 0,
+            "the second request is not decoded while the first runs"
+        );
+        assert!(!h.session.wants_input());
+        assert_eq!(h.output(), Vec::<Value>::new());
+        h.release(0, json!("one"));
+        assert_eq!(h.output(), [json!({"return": "one", "id": 1})]);
+        assert!(h.session.wants_input());
+        h.feed(r#"{"execute":"echo","id":2}"#);
+        assert_eq!(h.output(), [json!({"return": {}, "id": 2})]);
+    }
+
+    #[test]
+    fn legacy_oob_queues_eight_and_exec_oob_overtakes() {
+        let mut h = Harness::negotiated(&["oob"], |b| b);
+        for i in 0..9 {
+            h.send(&json!({"execute": "park", "id": i}));
+        }
+        // One running, eight queued: QEMU's queue is full.
+        assert!(!h.session.wants_input());
+        assert_eq!(h.parked.lock().unwrap().len(), 1);
+        h.release(0, json!(0));
+        assert_eq!(h.output(), [json!({"return": 0, "id": 0})]);
+        assert_eq!(h.parked.lock().unwrap().len(), 1, "the next one started");
+        assert!(h.session.wants_input());
+    }
+
+    #[test]
+    fn async_ids_are_required_and_unique_by_canonical_key() {
+        let mut h = Harness::negotiated(&["async"], |b| b);
+        h.send(&json!({"execute": "echo"}));
+        assert_eq!(
+            h.output(),
+            [error(
+                None,
+                "QMP input lacks member 'id', required by capability 'async'"
+            )]
+        );
+        h.feed(r#"{"execute":"park","id":{"a":1,"b":[2]}}"#);
+        h.feed(r#"{"execute":"park","id":{ "b" : [2], "a" : 1 }}"#);
+        let out = h.output();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            out[0]["error"]["desc"],
+            r#"QMP input member 'id' {"a":1,"b":[2]} is already in use by a command in flight"#
+        );
+        h.release(0, json!("done"));
+        assert_eq!(
+            h.output(),
+            [json!({"return": "done", "id": {"a": 1, "b": [2]}})]
+        );
+    }
+
+    #[test]
+    fn cancel_answers_the_command_and_discards_its_late_reply() {
+        let mut h = Harness::negotiated(&["async"], |b| b);
+        h.send(&json!({"execute": "park", "id": "a"}));
+        h.send(&json!({"execute": "async-command-cancel", "arguments": {"id": "a"}, "id": "c"}));
+        assert_eq!(
+            h.output(),
+            [
+                error(Some(json!("a")), "Command park has been cancelled"),
+                json!({"return": {}, "id": "c"})
+            ]
+        );
+        assert!(h.parked.lock().unwrap()[0].is_cancelled());
+        h.release(0, json!("late"));
+        assert_eq!(
+            h.output(),
+            Vec::<Value>::new(),
+            "a cancelled reply goes nowhere"
+        );
+        h.send(&json!({"execute": "async-command-cancel", "arguments": {"id": "a"}, "id": "d"}));
+        assert_eq!(
+            h.output(),
+            [error(
+                Some(json!("d")),
+                "No command with id \"a\" is in flight"
+            )]
+        );
+    }
+
+    #[test]
+    fn at_the_cap_control_commands_run_and_one_request_waits() {
+        let mut h = Harness::negotiated(&["async", "oob"], |b| b.max_in_flight(2));
+        h.send(&json!({"execute": "park", "id": 1}));
+        h.send(&json!({"execute": "park", "id": 2}));
+        assert!(h.session.wants_input(), "one frame of lookahead at the cap");
+        h.send(&json!({"execute": "query-async-commands", "id": "q"}));
+        let listing = h.output();
+        assert_eq!(listing[0]["id"], "q");
+        assert_eq!(listing[0]["return"].as_array().unwrap().len(), 2);
+        h.send(&json!({"exec-oob": "echo", "id": "oob"}));
+        assert_eq!(h.output(), [json!({"return": {}, "id": "oob"})]);
+        // An ordinary request takes the lookahead slot and waits there.
+        h.send(&json!({"execute": "park", "id": 3}));
+        assert!(!h.session.wants_input());
+        assert_eq!(h.parked.lock().unwrap().len(), 2);
+        h.release(0, json!(1));
+        assert_eq!(h.output(), [json!({"return": 1, "id": 1})]);
+        assert_eq!(
+            h.parked.lock().unwrap().len(),
+            2,
+            "the waiting request started"
+        );
+        assert!(h.session.wants_input());
+    }
+
+    #[test]
+    fn the_retained_budget_pauses_reading_but_admits_a_lone_big_id() {
+        let mut h = Harness::negotiated(&["async"], |b| b.max_retained(64));
+        let big = "x".repeat(1000);
+        h.send(&json!({"execute": "park", "id": big}));
+        assert_eq!(
+            h.parked.lock().unwrap().len(),
+            1,
+            "a lone id is always admitted"
+        );
+        h.send(&json!({"execute": "park", "id": 2}));
+        assert_eq!(
+            h.parked.lock().unwrap().len(),
+            1,
+            "over the budget: it waits"
+        );
+        assert!(!h.session.wants_input());
+        h.release(0, json!(null));
+        h.output();
+        assert_eq!(h.parked.lock().unwrap().len(), 1, "the waiting one started");
+        assert!(h.session.wants_input());
+    }
+
+    #[test]
+    fn close_cancels_everything_in_flight() {
+        let mut h = Harness::negotiated(&["async"], |b| b);
+        h.send(&json!({"execute": "park", "id": 1}));
+        h.send(&json!({"execute": "park", "id": 2}));
+        assert!(h.session.has_pending());
+        h.session.close();
+        assert!(!h.session.has_pending());
+        assert!(h.parked.lock().unwrap().iter().all(QmpReturn::is_cancelled));
+        assert!(
+            !h.cancel.is_cancelled(),
+            "the connection token is the connection's"
+        );
+        h.release(0, json!(1));
+        assert_eq!(h.output(), Vec::<Value>::new());
+    }
+
+    #[test]
+    fn events_flow_only_after_negotiation() {
+        let mut h = Harness::new(|b| b);
+        h._server.events().emit("EARLY", None);
+        assert_eq!(h.output(), Vec::<Value>::new());
+        h.send(&json!({"execute": "qmp_capabilities"}));
+        h._server.events().emit("STOP", None);
+        let out = h.output();
+        assert_eq!(out[0], json!({"return": {}}));
+        assert_eq!(out[1]["event"], "STOP");
+        assert!(out[1]["timestamp"]["seconds"].is_u64());
+    }
 }

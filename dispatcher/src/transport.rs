@@ -16,6 +16,9 @@ pub trait Transport: Send + 'static {
     /// Splits the stream.
     fn split(self) -> (Self::Reader, Self::Writer);
 
+    /// Called once when a listener accepts the stream, to set socket options.
+    fn on_accept(&self) {}
+
     /// After the client sent EOF, resolves if it has closed the connection entirely rather
     /// than only its sending side. A half-closed client still gets its replies; a departed
     /// one has its commands cancelled at once. Never resolves where the transport cannot tell.
@@ -82,6 +85,11 @@ impl Transport for TcpStream {
 
     fn split(self) -> (Self::Reader, Self::Writer) {
         self.into_split()
+    }
+
+    /// Replies are small and latency matters: no Nagle delay.
+    fn on_accept(&self) {
+        let _ = self.set_nodelay(true);
     }
 }
 

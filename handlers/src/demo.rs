@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use qmp_dispatcher::config::{DEFAULT_EVENT_QUEUE, qemu_throttles};
+use qmp_dispatcher::config::qemu_throttles;
 use qmp_dispatcher::{Events, RegisterError, Registry, Server, VersionInfo};
 
 use crate::display::TestPattern;
@@ -53,7 +53,7 @@ pub fn build(
     options: &DemoOptions,
     on_quit: impl Fn() + Send + Sync + 'static,
 ) -> Result<Demo, RegisterError> {
-    let events = Events::with_throttles(DEFAULT_EVENT_QUEUE, qemu_throttles());
+    let events = Events::new();
     let run_state = RunState::new(events.clone());
     let (width, height) = options.display_size;
     let display = screendump::Display {
@@ -72,7 +72,11 @@ pub fn build(
         .add(misc::x_delay())?
         .add(misc::quit(on_quit))?;
 
-    let server = Server::builder(registry.build())
+    let mut builder = Server::builder(registry.build());
+    for (event, throttle) in qemu_throttles() {
+        builder = builder.throttle(event, throttle);
+    }
+    let server = builder
         .version(VersionInfo::new(
             10,
             0,

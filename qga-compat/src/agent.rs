@@ -7,12 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use qmp_dispatcher::{
-    Command, Dialect, RegisterError, Registry, RegistryBuilder, Server, Transport, bind_unix,
+    Admitted, Command, ConnectionParts, Dialect, RegisterError, Registry, RegistryBuilder, Server,
+    Transport, bind_unix,
 };
 use tokio::net::UnixListener;
 
+use crate::codec::GuestAgentCodec;
 use crate::commands::{self, ServerSlot};
-use crate::hub::Hub;
 use crate::serial::SerialPort;
 
 /// Commands that stay enabled while the agent is frozen (qemu-ga 7.2's freeze allow list).
@@ -173,11 +174,16 @@ impl GuestAgentBuilder {
                 tracing::warn!(command = %name, "filter names an unknown guest agent command");
             }
         }
+        // One client at a time, as qemu-ga: the next waits for the slot (in the listen
+        // backlog when it comes through `serve_unix`).
         let server = Server::builder(registry)
             .dialect(Dialect::GUEST_AGENT)
             .offer_oob(false)
             .offer_async(false)
+            .max_clients(1)
             .build();
+        let keep = self.parser == ParserState::KeepAcrossClients;
+        let parts = ConnectionParts::new(GuestAgentCodec::new(server.codec(), keep));
         *server_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(server.clone());
         let agent = GuestAgent {
             inner: Arc::new(Inner {
@@ -191,8 +197,7 @@ impl GuestAgentBuilder {
                 frozen: AtomicBool::new(self.frozen),
                 frozen_lock: Mutex::new(()),
                 parser: self.parser,
-                hub: Hub::new(),
-                session_started: AtomicBool::new(false),
+                parts: tokio::sync::Mutex::new(parts),
             }),
         };
         agent.apply_filters(self.frozen);
@@ -218,8 +223,9 @@ struct Inner {
     /// Serialises `set_frozen`, so concurrent calls cannot interleave their updates.
     frozen_lock: Mutex<()>,
     parser: ParserState,
-    hub: Arc<Hub>,
-    session_started: AtomicBool,
+    /// The codec and unread input, handed from client to client with
+    /// [`ParserState::KeepAcrossClients`].
+    parts: tokio::sync::Mutex<ConnectionParts<GuestAgentCodec>>,
 }
 
 impl Drop for Inner {
@@ -322,20 +328,14 @@ impl GuestAgent {
     /// qemu-ga does: the next connection is accepted only when the current client has closed,
     /// so others wait in the listen backlog.
     pub async fn serve_unix(&self, listener: UnixListener) -> io::Result<()> {
-        let server = &self.inner.server;
-        loop {
-            let accepted = tokio::select! {
-                () = server.shutdown_requested() => return Ok(()),
-                accepted = listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((stream, _)) => self.serve_stream(stream).await,
-                Err(error) => {
-                    tracing::warn!(%error, "guest agent accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        }
+        let agent = self.clone();
+        self.inner
+            .server
+            .serve_with(listener, move |_, client| {
+                let agent = agent.clone();
+                async move { agent.serve_admitted(client).await }
+            })
+            .await
     }
 
     /// Binds `path` (mode 0600, replacing a stale socket) and serves it like
@@ -347,24 +347,11 @@ impl GuestAgent {
 
     /// Serves one client on any byte stream until it has sent EOF and received its replies,
     /// or the agent shuts down. Calls wait their turn: one client at a time. With
-    /// [`ParserState::KeepAcrossClients`] the parser state carries over to the next call.
+    /// [`ParserState::KeepAcrossClients`] the parser state carries over to the next call,
+    /// also when this future is dropped before the client is done.
     pub async fn serve_stream<T: Transport>(&self, transport: T) {
-        let inner = &self.inner;
-        match inner.parser {
-            ParserState::KeepAcrossClients => {
-                self.start_session();
-                tokio::select! {
-                    () = inner.server.shutdown_requested() => {}
-                    () = inner.hub.attach(transport) => {}
-                }
-            }
-            ParserState::ResetOnConnect => {
-                // The hub's slot still keeps clients one at a time.
-                let Ok(_turn) = inner.hub.turn().await else {
-                    return;
-                };
-                inner.server.serve_connection(transport).await;
-            }
+        if let Some(client) = self.inner.server.admit(transport).await {
+            self.serve_admitted(client).await;
         }
     }
 
@@ -377,11 +364,18 @@ impl GuestAgent {
         Ok(())
     }
 
-    /// The one dispatcher session every client of a `KeepAcrossClients` agent talks to.
-    fn start_session(&self) {
+    async fn serve_admitted<T: Transport>(&self, client: Admitted<T>) {
         let inner = &self.inner;
-        if !inner.session_started.swap(true, Ordering::AcqRel) {
-            inner.server.spawn_connection(inner.hub.transport());
+        match inner.parser {
+            ParserState::KeepAcrossClients => {
+                let mut parts = inner.parts.lock().await;
+                inner.server.serve_admitted(client, &mut parts).await;
+            }
+            ParserState::ResetOnConnect => {
+                let codec = GuestAgentCodec::new(inner.server.codec(), false);
+                let mut parts = ConnectionParts::new(codec);
+                inner.server.serve_admitted(client, &mut parts).await;
+            }
         }
     }
 }

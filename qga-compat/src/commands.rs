@@ -21,13 +21,13 @@ pub(crate) fn guest_sync() -> Command {
     )
 }
 
-/// `guest-sync-delimited {id}`: like `guest-sync`, with 0xFF written before the reply (but
-/// not before an argument error, as in qemu-ga, where only the handler sets the flag).
+/// `guest-sync-delimited {id}`: like `guest-sync`; [`crate::GuestAgentCodec`] writes the
+/// 0xFF before its reply.
 pub(crate) fn guest_sync_delimited() -> Command {
     Command::raw(
         "guest-sync-delimited",
         |arguments: Map<String, Value>, ret: QmpReturn| match sync_id(&arguments) {
-            Ok(id) => ret.ok_with_prefix(&[SENTINEL], &id),
+            Ok(id) => ret.ok(&id),
             Err(error) => ret.err(error),
         },
     )

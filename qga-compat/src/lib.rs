@@ -26,17 +26,19 @@
 //! # Layout
 //! - [`agent`]: the builder, block/allow/frozen filters and the serve methods.
 //! - `commands`: `guest-sync`, `guest-sync-delimited`, `guest-ping`, `guest-info`.
-//! - `hub`: the single dispatcher session that clients are attached to in turn.
+//! - [`codec`]: qemu-ga's framing around the dispatcher's codec; its state is handed from
+//!   client to client.
 //! - [`serial`]: character devices with no connect or disconnect.
 
 pub mod agent;
+pub mod codec;
 mod commands;
-mod hub;
 pub mod serial;
 
 pub use agent::{
     BuildError, FROZEN_ALLOWED, FROZEN_REASON, GuestAgent, GuestAgentBuilder, NOT_ALLOWED_REASON,
     ParserState, minimal_agent,
 };
+pub use codec::GuestAgentCodec;
 pub use commands::SENTINEL;
 pub use serial::{EOF_RETRY, SerialPort};

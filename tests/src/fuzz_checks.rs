@@ -230,7 +230,7 @@ pub fn fuzz_server(holds: &Holds) -> Server {
             max_bytes: 4096,
         })
         .max_in_flight(4)
-        .config(|config| config.output_high_water = 512)
+        .output_high_water(512)
         .build()
 }
 

@@ -63,7 +63,7 @@ async fn wait_until_stalled(sent: &AtomicU64, quiet: Duration) -> u64 {
 
 async fn a_flooding_client_is_throttled(caps: &'static str) {
     let high_water = 256 << 10;
-    let server = TestServer::start_with(|b| b.config(|c| c.output_high_water = high_water)).await;
+    let server = TestServer::start_with(|b| b.output_high_water(high_water)).await;
     // Warm up the allocator and the test client's code paths before the baseline.
     let mut healthy = server.negotiated(&["async"]).await;
     for i in 0..50 {

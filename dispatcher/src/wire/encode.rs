@@ -1,4 +1,4 @@
-//! Output encoding: one compact JSON message per line.
+//! The JSON text of each output message, without its line ending (the codec adds that).
 //!
 //! Replies are assembled from pieces that are already JSON (the handler's serialized return
 //! value and the request's raw `id`), so a reply costs one copy and no re-serialization.
@@ -29,8 +29,8 @@ impl LineEnding {
     }
 }
 
-/// Appends `{"return": VALUE, "id": ID}` and the line ending.
-pub fn success(out: &mut BytesMut, value: &RawValue, id: Option<&RawValue>, ending: LineEnding) {
+/// Appends `{"return": VALUE, "id": ID}`.
+pub fn success(out: &mut BytesMut, value: &RawValue, id: Option<&RawValue>) {
     out.put_slice(b"{\"return\": ");
     out.put_slice(value.get().as_bytes());
     if let Some(id) = id {
@@ -38,11 +38,10 @@ pub fn success(out: &mut BytesMut, value: &RawValue, id: Option<&RawValue>, endi
         out.put_slice(id.get().as_bytes());
     }
     out.put_slice(b"}");
-    out.put_slice(ending.as_bytes());
 }
 
-/// Appends `{"id": ID, "error": {"class": C, "desc": D}}` and the line ending.
-pub fn error(out: &mut BytesMut, err: &QmpError, id: Option<&RawValue>, ending: LineEnding) {
+/// Appends `{"id": ID, "error": {"class": C, "desc": D}}`.
+pub fn error(out: &mut BytesMut, err: &QmpError, id: Option<&RawValue>) {
     out.put_slice(b"{");
     if let Some(id) = id {
         out.put_slice(b"\"id\": ");
@@ -54,7 +53,6 @@ pub fn error(out: &mut BytesMut, err: &QmpError, id: Option<&RawValue>, ending: 
     out.put_slice(b"\", \"desc\": ");
     put_json(out, err.desc.as_str());
     out.put_slice(b"}}");
-    out.put_slice(ending.as_bytes());
 }
 
 /// Appends `{"timestamp": {...}, "event": NAME, "data": DATA}` (no `data` when `None`).
@@ -63,7 +61,6 @@ pub fn event(
     name: &str,
     data: Option<&serde_json::Value>,
     timestamp: std::time::SystemTime,
-    ending: LineEnding,
 ) {
     let since_epoch = timestamp
         .duration_since(std::time::UNIX_EPOCH)
@@ -79,7 +76,6 @@ pub fn event(
         put_json(out, data);
     }
     out.put_slice(b"}");
-    out.put_slice(ending.as_bytes());
 }
 
 /// Serializes `value` compactly into `out`. Serializing a `Value`, a string or a derived
@@ -104,26 +100,18 @@ mod tests {
     #[test]
     fn success_echoes_the_raw_id() {
         let mut out = BytesMut::new();
-        success(
-            &mut out,
-            &raw("{}"),
-            Some(&raw("{\"b\":1,\"a\":1.0}")),
-            LineEnding::CrLf,
-        );
-        assert_eq!(
-            &out[..],
-            b"{\"return\": {}, \"id\": {\"b\":1,\"a\":1.0}}\r\n"
-        );
+        success(&mut out, &raw("{}"), Some(&raw("{\"b\":1,\"a\":1.0}")));
+        assert_eq!(&out[..], b"{\"return\": {}, \"id\": {\"b\":1,\"a\":1.0}}");
     }
 
     #[test]
     fn error_without_id_and_with_escaping() {
         let mut out = BytesMut::new();
         let err = QmpError::new(ErrorClass::CommandNotFound, "quote \" and \u{1}");
-        error(&mut out, &err, None, LineEnding::Lf);
+        error(&mut out, &err, None);
         assert_eq!(
             &out[..],
-            b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"quote \\\" and \\u0001\"}}\n"
+            b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"quote \\\" and \\u0001\"}}"
         );
     }
 
@@ -131,10 +119,10 @@ mod tests {
     fn event_has_qemu_timestamp_shape() {
         let mut out = BytesMut::new();
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_500_000_123);
-        event(&mut out, "STOP", None, t, LineEnding::CrLf);
+        event(&mut out, "STOP", None, t);
         assert_eq!(
             &out[..],
-            b"{\"timestamp\": {\"seconds\": 1500, \"microseconds\": 123}, \"event\": \"STOP\"}\r\n"
+            b"{\"timestamp\": {\"seconds\": 1500, \"microseconds\": 123}, \"event\": \"STOP\"}"
         );
     }
 }

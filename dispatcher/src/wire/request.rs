@@ -1,9 +1,9 @@
 //! The request envelope: `{"execute" | "exec-oob": NAME, "arguments": {...}, "id": ANY}`,
 //! validated in QEMU's order with QEMU's texts.
 
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::id::Id;
 use super::json::ParsedValue;
 use super::qdict;
 use crate::error::QmpError;
@@ -17,8 +17,8 @@ pub struct Request {
     pub oob: bool,
     /// The arguments; `{}` when the member was absent.
     pub arguments: Map<String, Value>,
-    /// The raw `id`, echoed verbatim in the reply.
-    pub id: Option<Box<RawValue>>,
+    /// The `id`, echoed verbatim in the reply.
+    pub id: Option<Id>,
     /// The parsed `id`, used to compare ids (`1.0` and `1.00` are the same id).
     pub id_value: Option<Value>,
 }
@@ -26,8 +26,8 @@ pub struct Request {
 /// A request rejected before dispatch. `id` is set once the input was known to be an object.
 #[derive(Debug)]
 pub struct RequestError {
-    /// The raw `id` to echo, if any.
-    pub id: Option<Box<RawValue>>,
+    /// The `id` to echo, if any.
+    pub id: Option<Id>,
     /// What is wrong.
     pub error: QmpError,
 }
@@ -50,7 +50,7 @@ pub fn parse(parsed: ParsedValue, oob_enabled: bool) -> Result<Request, RequestE
             error: QmpError::generic("QMP input must be a JSON object"),
         });
     };
-    let id = parsed.id;
+    let id = parsed.id.map(Id::from_text);
     let fail = |id, desc: String| {
         Err(RequestError {
             id,
@@ -151,6 +151,7 @@ fn envelope_is_valid(map: &Map<String, Value>, oob_enabled: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::value::RawValue;
 
     fn parsed(text: &str) -> ParsedValue {
         let value: Value = serde_json::from_str(text).unwrap();
@@ -215,6 +216,6 @@ mod tests {
         assert!(req.oob);
         assert_eq!(req.command, "q");
         assert_eq!(req.arguments["a"], 1);
-        assert_eq!(req.id.unwrap().get(), "\"x\"");
+        assert_eq!(req.id.unwrap().text().get(), "\"x\"");
     }
 }
