@@ -340,6 +340,14 @@ async fn quit_sends_shutdown_then_replies_then_exits_cleanly() {
 }
 
 #[tokio::test]
+async fn quit_from_qemu_qmp_sends_shutdown_to_every_client() {
+    let mut demo = Demo::start(&[]).await;
+    demo.run_script("demo_shutdown.py", false).await;
+    let status = demo.wait_exit("quit").await;
+    assert!(status.success(), "qmp-demo exited with {status}");
+}
+
+#[tokio::test]
 async fn signals_send_shutdown_exit_cleanly_and_remove_sockets() {
     // SIGHUP ends the demo like SIGTERM, as it ends QEMU and qemu-storage-daemon.
     for signal in ["TERM", "INT", "HUP"] {
