@@ -92,7 +92,10 @@ fn quoted_after<'a>(message: &'a str, prefix: &str) -> Option<&'a str> {
 fn qapi_type(expected: &str) -> &str {
     let expected = expected.trim();
     match expected {
-        "a string" | "a char" | "a borrowed string" | "variant identifier" => "string",
+        // "path string" is serde's expectation for `PathBuf` (and `Path`).
+        "a string" | "a char" | "a borrowed string" | "variant identifier" | "path string" => {
+            "string"
+        }
         "a boolean" => "boolean",
         "f32" | "f64" | "a number" => "number",
         "a sequence" | "an array" => "array",
@@ -135,6 +138,7 @@ mod tests {
         image: Option<Image>,
         actions: Option<Vec<Image>>,
         granularity: Option<u32>,
+        filename: Option<std::path::PathBuf>,
     }
 
     fn err(value: Value) -> String {
@@ -184,6 +188,10 @@ mod tests {
         assert_eq!(
             err(json!({"device": "d", "actions": "x"})),
             "Invalid parameter type for 'actions', expected: array"
+        );
+        assert_eq!(
+            err(json!({"device": "d", "filename": 42})),
+            "Invalid parameter type for 'filename', expected: string"
         );
     }
 

@@ -17,6 +17,7 @@
 //! - [`events`]: broadcast events with timestamps and throttling.
 //! - `connection`: the per-client task.
 //! - [`server`], [`transport`], [`config`]: listeners, limits and shutdown.
+//! - `unix_socket`: [`bind_unix`], owner-only and never over a live socket.
 #![warn(missing_docs)]
 
 pub mod args;
@@ -30,6 +31,7 @@ pub mod registry;
 pub mod server;
 mod session;
 pub mod transport;
+mod unix_socket;
 pub mod wire;
 
 pub use args::NoArgs;
@@ -38,6 +40,7 @@ pub use error::{ErrorClass, QmpError, RegisterError};
 pub use events::{Events, Throttle};
 pub use qmp_return::QmpReturn;
 pub use registry::{Command, CommandInfo, Handler, Registry, RegistryBuilder};
-pub use server::{Admitted, ConnectionParts, Server, ServerBuilder, Stats, bind_unix};
+pub use server::{Admitted, ConnectionParts, Server, ServerBuilder, Stats};
 pub use transport::{ByteStream, Pipes, Transport};
+pub use unix_socket::bind_unix;
 pub use wire::{Message, QmpCodec, ServerCodec};

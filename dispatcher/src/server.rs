@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::io;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -538,36 +537,4 @@ impl std::fmt::Debug for Server {
             .field("stats", &self.stats())
             .finish()
     }
-}
-
-/// Binds a Unix socket for QMP: removes a stale socket file left by an earlier run, and
-/// restricts the new one to `mode` (0o600 is the safe default: whoever can connect controls
-/// the VM).
-pub fn bind_unix(path: impl AsRef<Path>, mode: u32) -> io::Result<UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
-    static STAGING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let path = path.as_ref();
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        }
-    }
-    // Bind inside a private directory and set the mode there, then link the socket into
-    // place: nobody can connect in the moment between bind() and chmod(). Linking (unlike
-    // renaming) fails rather than replace a file that is not ours.
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let n = STAGING.fetch_add(1, Ordering::Relaxed);
-    let staging = parent.join(format!(".qmp-bind-{}-{n}", std::process::id()));
-    std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
-    let staged = staging.join("s");
-    let bound = UnixListener::bind(&staged).and_then(|listener| {
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
-        std::fs::hard_link(&staged, path)?;
-        Ok(listener)
-    });
-    let _ = std::fs::remove_dir_all(&staging);
-    bound
 }

@@ -70,7 +70,7 @@ pub fn build(
         ))?
         .add(misc::query_yank())?
         .add(misc::x_delay())?
-        .add(misc::quit(on_quit))?;
+        .add(run_state.quit(on_quit))?;
 
     let mut builder = Server::builder(registry.build());
     for (event, throttle) in qemu_throttles() {

@@ -2,10 +2,11 @@
 //! `qmp-demo` monitor built from them.
 //!
 //! # Layout
-//! - [`run_state`]: `query-status`, `stop`, `cont`, `system_powerdown` and their events.
+//! - [`run_state`]: `query-status`, `stop`, `cont`, `system_powerdown`, `quit` and their
+//!   events.
 //! - [`display`]: framebuffers, a synthetic test pattern, PPM/PNG encoding.
 //! - [`screendump`]: the deferred, cancellable `screendump` command.
-//! - [`misc`]: `query-yank`, `x-delay`, `quit`.
+//! - [`misc`]: `query-yank`, `x-delay`.
 //! - [`demo`]: the registry and server of the `qmp-demo` binary.
 
 pub mod demo;

@@ -1,8 +1,9 @@
-//! Small QEMU commands a VMM monitor needs: `query-yank`, `x-delay`, `quit`.
+//! Small QEMU commands a VMM monitor needs: `query-yank`, `x-delay`. (`quit` is
+//! [`RunState::quit`](crate::run_state::RunState::quit): it emits `SHUTDOWN`.)
 
 use std::time::Duration;
 
-use qmp_dispatcher::{Command, NoArgs, QmpError, QmpReturn};
+use qmp_dispatcher::{Command, NoArgs, QmpError};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -26,13 +27,5 @@ pub fn x_delay() -> Command {
     Command::async_fn("x-delay", |args: DelayArgs| async move {
         tokio::time::sleep(Duration::from_millis(args.ms)).await;
         Ok::<_, QmpError>(json!({}))
-    })
-}
-
-/// `quit`: replies, then calls `on_quit` (which should stop the server and the process).
-pub fn quit(on_quit: impl Fn() + Send + Sync + 'static) -> Command {
-    Command::deferred("quit", move |_: NoArgs, ret: QmpReturn| {
-        ret.ok(&json!({}));
-        on_quit();
     })
 }

@@ -1,9 +1,11 @@
 //! The VM's run state and the commands that change it: `query-status`, `stop`, `cont`,
-//! `system_powerdown`, with QEMU's events.
+//! `system_powerdown`, `quit`, with QEMU's events.
 
 use std::sync::{Arc, Mutex};
 
-use qmp_dispatcher::{Command, Events, NoArgs, QmpError, RegisterError, RegistryBuilder};
+use qmp_dispatcher::{
+    Command, Events, NoArgs, QmpError, QmpReturn, RegisterError, RegistryBuilder,
+};
 use serde::Serialize;
 use serde_json::json;
 
@@ -28,8 +30,19 @@ pub struct StatusInfo {
     pub status: Status,
 }
 
+/// Why the host shut the VM down: QEMU's `ShutdownCause`, as `SHUTDOWN` reports it in
+/// `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostShutdown {
+    /// The `quit` command.
+    HostQmpQuit,
+    /// SIGTERM, SIGINT or SIGHUP.
+    HostSignal,
+}
+
 /// The VM's run state, shared by the commands that read and change it. Emits `STOP`,
-/// `RESUME` and `POWERDOWN` like QEMU.
+/// `RESUME`, `POWERDOWN` and `SHUTDOWN` like QEMU.
 #[derive(Clone)]
 pub struct RunState {
     status: Arc<Mutex<Status>>,
@@ -80,6 +93,28 @@ impl RunState {
     /// Asks the guest to power down (ACPI button): emits `POWERDOWN`.
     pub fn powerdown(&self) {
         self.events.emit("POWERDOWN", None);
+    }
+
+    /// The host ends the VM: the state becomes `shutdown` and `SHUTDOWN {"guest": false,
+    /// "reason": ...}` goes to every negotiated client, as QEMU 10 sends it on `quit` and on
+    /// SIGTERM, SIGINT and SIGHUP. Call it before shutting the server down, so the event is
+    /// queued to every client before the connections close.
+    pub fn host_shutdown(&self, reason: HostShutdown) {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = Status::Shutdown;
+        self.events
+            .emit("SHUTDOWN", Some(json!({"guest": false, "reason": reason})));
+    }
+
+    /// `quit`: emits `SHUTDOWN` (reason `host-qmp-quit`), replies, then calls `on_quit`
+    /// (which should stop the server and the process). QEMU sends the event before the
+    /// reply.
+    pub fn quit(&self, on_quit: impl Fn() + Send + Sync + 'static) -> Command {
+        let state = self.clone();
+        Command::deferred("quit", move |_: NoArgs, ret: QmpReturn| {
+            state.host_shutdown(HostShutdown::HostQmpQuit);
+            ret.ok(&json!({}));
+            on_quit();
+        })
     }
 
     /// Registers `query-status`, `stop`, `cont` and `system_powerdown`.

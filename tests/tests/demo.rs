@@ -11,7 +11,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use qmp_tests::venv::{self, python, workspace};
-use qmp_tests::{Client, Scratch, return_reply};
+use qmp_tests::{Client, Scratch, error_reply, return_reply};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
@@ -304,18 +304,35 @@ async fn guest_agent_over_qmp_shell() {
     );
 }
 
+/// Asserts `msg` is `SHUTDOWN {"guest": false, "reason": reason}` with a timestamp.
+fn assert_shutdown(msg: &Value, reason: &str) {
+    assert_eq!(msg["event"], "SHUTDOWN", "{msg}");
+    assert_eq!(
+        msg["data"],
+        json!({"guest": false, "reason": reason}),
+        "{msg}"
+    );
+    assert!(msg["timestamp"]["seconds"].is_u64(), "{msg}");
+}
+
 #[tokio::test]
-async fn quit_replies_then_exits_cleanly() {
+async fn quit_sends_shutdown_then_replies_then_exits_cleanly() {
     let mut demo = Demo::start(&[]).await;
     let mut client = Client::connect(&demo.qmp).await;
     client.greeting().await;
     client.negotiate(&[]).await;
+    let mut watcher = Client::connect(&demo.qmp).await;
+    watcher.greeting().await;
+    watcher.negotiate(&[]).await;
     client.execute("quit", json!({}), json!("bye")).await;
-    assert_eq!(
-        client.recv_reply().await,
-        return_reply(json!({}), json!("bye"))
-    );
+    // As qemu-system-x86_64 10.0.2 does (conformance transcripts 08-quit.jsonl and
+    // 09-quit-repeat.jsonl): the event first, then the reply, then EOF; a client that only
+    // watches gets the event too.
+    assert_shutdown(&client.recv().await, "host-qmp-quit");
+    assert_eq!(client.recv().await, return_reply(json!({}), json!("bye")));
     client.expect_eof().await;
+    assert_shutdown(&watcher.recv().await, "host-qmp-quit");
+    watcher.expect_eof().await;
 
     let status = demo.wait_exit("quit").await;
     assert!(status.success(), "qmp-demo exited with {status}");
@@ -323,23 +340,58 @@ async fn quit_replies_then_exits_cleanly() {
 }
 
 #[tokio::test]
-async fn signals_exit_cleanly_and_remove_sockets() {
-    for signal in ["TERM", "INT"] {
+async fn quit_from_qemu_qmp_sends_shutdown_to_every_client() {
+    let mut demo = Demo::start(&[]).await;
+    demo.run_script("demo_shutdown.py", false).await;
+    let status = demo.wait_exit("quit").await;
+    assert!(status.success(), "qmp-demo exited with {status}");
+}
+
+#[tokio::test]
+async fn signals_send_shutdown_exit_cleanly_and_remove_sockets() {
+    // SIGHUP ends the demo like SIGTERM, as it ends QEMU and qemu-storage-daemon.
+    for signal in ["TERM", "INT", "HUP"] {
         let mut demo = Demo::spawn(true, &["--qmp", "tcp:127.0.0.1:0"]).await;
         // A negotiated client is connected: shutting down must not wait for it to leave.
         let mut client = Client::connect(&demo.qmp).await;
         client.greeting().await;
         client.negotiate(&["oob"]).await;
+        // Still negotiating: QEMU sends it no events, only EOF.
+        let mut greeted = Client::connect(&demo.qmp).await;
+        greeted.greeting().await;
 
         demo.signal(signal).await;
+        // 10-sigterm.jsonl, 11-sigint-sighup.jsonl: SHUTDOWN with reason host-signal, then EOF.
+        assert_shutdown(&client.recv().await, "host-signal");
+        client.expect_eof().await;
+        greeted.expect_eof().await;
         let status = demo.wait_exit(&format!("SIG{signal}")).await;
         assert!(
             status.success(),
             "SIG{signal}: qmp-demo exited with {status}"
         );
-        client.expect_eof().await;
         assert!(!demo.qmp.exists(), "SIG{signal}: QMP socket left behind");
         let qga = demo.qga.as_ref().unwrap();
         assert!(!qga.exists(), "SIG{signal}: guest-agent socket left behind");
     }
+}
+
+#[tokio::test]
+async fn screendump_filename_of_the_wrong_type_gets_qemus_text() {
+    let demo = Demo::start(&[]).await;
+    let mut client = Client::connect(&demo.qmp).await;
+    client.greeting().await;
+    client.negotiate(&[]).await;
+    client
+        .execute("screendump", json!({"filename": 42}), json!(1))
+        .await;
+    // QEMU's text; serde's own for a PathBuf would be "expected: path string".
+    assert_eq!(
+        client.recv_reply().await,
+        error_reply(
+            Some(json!(1)),
+            "GenericError",
+            "Invalid parameter type for 'filename', expected: string"
+        )
+    );
 }

@@ -5,17 +5,20 @@
 //! qmp-shell qmp.sock
 //! ```
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use qmp_handlers::demo::{self, DemoOptions};
+use qmp_handlers::run_state::HostShutdown;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 /// A QEMU-like VMM monitor: QMP on Unix or TCP sockets, with the `async` capability.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "qmp-demo", version)]
 struct Cli {
     /// Where to serve QMP: `unix:PATH` or `tcp:HOST:PORT`. Repeatable; every listener takes
     /// many clients.
@@ -23,21 +26,71 @@ struct Cli {
     qmp: Vec<Listen>,
     /// Serve the guest-agent protocol (qemu-ga framing: guest-sync, guest-sync-delimited,
     /// guest-ping, guest-info) on `unix:PATH`.
-    #[arg(long = "qga", value_name = "ADDR")]
-    qga: Option<Listen>,
+    #[arg(long = "qga", value_name = "ADDR", value_parser = parse_qga)]
+    qga: Option<PathBuf>,
     /// Commands one async client may have in flight.
     #[arg(long, default_value_t = qmp_dispatcher::config::DEFAULT_MAX_IN_FLIGHT)]
     max_in_flight: usize,
     /// Clients connected at once.
     #[arg(long, default_value_t = qmp_dispatcher::config::DEFAULT_MAX_CLIENTS)]
     max_clients: usize,
-    /// Permissions of the Unix sockets (octal).
+    /// Permissions of the Unix sockets (octal, at most 777).
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
     /// Test hook: milliseconds `screendump` sleeps per chunk of rows, so that tests can cancel
     /// a dump while its file is half written.
     #[arg(long, hide = true, value_name = "MS", default_value_t = 0)]
     screendump_chunk_delay_ms: u64,
+}
+
+impl Cli {
+    /// Parses the command line and refuses combinations that can only be mistakes, before
+    /// anything listens; exits with clap's usage error otherwise.
+    fn parse_checked() -> Self {
+        let cli = Cli::parse();
+        if let Err(message) = cli.check() {
+            Cli::command()
+                .error(clap::error::ErrorKind::ArgumentConflict, message)
+                .exit();
+        }
+        cli
+    }
+
+    /// The same socket path twice (two `--qmp`, or `--qmp` and `--qga`) would have the
+    /// second listener fail, or, worse, silently serve one protocol on the other's path.
+    fn check(&self) -> Result<(), String> {
+        let qmp = self.qmp.iter().filter_map(|listen| match listen {
+            Listen::Unix(path) => Some(("--qmp", path)),
+            Listen::Tcp(_) => None,
+        });
+        let qga = self.qga.iter().map(|path| ("--qga", path));
+        let mut seen: Vec<(&str, &PathBuf, PathBuf)> = Vec::new();
+        for (flag, path) in qmp.chain(qga) {
+            let key = normalised(path);
+            if let Some((first, first_path, _)) = seen.iter().find(|(_, _, k)| *k == key) {
+                return Err(format!(
+                    "{flag} unix:{} is the same socket as {first} unix:{}",
+                    path.display(),
+                    first_path.display()
+                ));
+            }
+            seen.push((flag, path, key));
+        }
+        Ok(())
+    }
+}
+
+/// `path` made absolute, with `.` components dropped and, when its directory exists,
+/// symlinks and `..` in the directory resolved: two spellings of one socket compare equal.
+fn normalised(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(dir), Some(name)) => dir
+            .canonicalize()
+            .map(|dir| dir.join(name))
+            .unwrap_or(absolute),
+        _ => absolute,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -51,7 +104,7 @@ impl std::str::FromStr for Listen {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Some(path) = s.strip_prefix("unix:") {
-            Ok(Listen::Unix(path.into()))
+            unix_path(path).map(Listen::Unix)
         } else if let Some(addr) = s.strip_prefix("tcp:") {
             Ok(Listen::Tcp(addr.to_string()))
         } else {
@@ -60,8 +113,29 @@ impl std::str::FromStr for Listen {
     }
 }
 
+fn unix_path(path: &str) -> Result<PathBuf, String> {
+    if path.is_empty() {
+        return Err("unix: needs a socket path, as in unix:qmp.sock".to_string());
+    }
+    Ok(path.into())
+}
+
+/// `--qga` takes `unix:PATH` only: the guest agent's clients connect to a Unix socket.
+fn parse_qga(s: &str) -> Result<PathBuf, String> {
+    match s.strip_prefix("unix:") {
+        Some(path) => unix_path(path),
+        None => Err(format!("--qga takes unix:PATH, got '{s}'")),
+    }
+}
+
 fn parse_mode(s: &str) -> Result<u32, String> {
-    u32::from_str_radix(s, 8).map_err(|e| format!("bad octal mode '{s}': {e}"))
+    let mode = u32::from_str_radix(s, 8).map_err(|e| format!("bad octal mode '{s}': {e}"))?;
+    if mode > 0o777 {
+        return Err(format!(
+            "mode '{s}' is not a permission mode: at most 777 (rwx for user, group, others)"
+        ));
+    }
+    Ok(mode)
 }
 
 fn main() -> ExitCode {
@@ -70,8 +144,9 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
+    let cli = Cli::parse_checked();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -86,6 +161,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    // Installed before any socket exists: once a client can connect, a signal ends the demo
+    // cleanly rather than by its default action.
+    let mut signals = ShutdownSignals::install()?;
     let stop = tokio_util::sync::CancellationToken::new();
     let on_quit = stop.clone();
     let options = DemoOptions {
@@ -100,13 +178,18 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     // Removed however `run` ends, so a failed start leaves no socket file behind.
     let mut sockets = SocketFiles(Vec::new());
     let mut listeners = tokio::task::JoinSet::new();
+    // What to tell the user once everything listens.
+    let mut banner = Vec::new();
     for listen in &cli.qmp {
         match listen {
             Listen::Unix(path) => {
                 let listener = qmp_dispatcher::bind_unix(path, cli.socket_mode)
                     .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-                tracing::info!(path = %path.display(), "QMP listening");
                 sockets.0.push(path.clone());
+                banner.push(format!(
+                    "QMP on unix:{0}; connect with: qmp-shell {0}",
+                    path.display()
+                ));
                 let server = server.clone();
                 listeners.spawn(async move { server.serve_unix(listener).await });
             }
@@ -114,29 +197,41 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 let listener = TcpListener::bind(addr)
                     .await
                     .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-                tracing::info!(%addr, "QMP listening");
+                // The bound address, so that port 0 shows the port chosen.
+                let local = listener.local_addr()?;
+                banner.push(format!(
+                    "QMP on tcp:{local}; connect with: qmp-shell {local}"
+                ));
                 let server = server.clone();
                 listeners.spawn(async move { server.serve_tcp(listener).await });
             }
         }
     }
     let agent = std::sync::Arc::new(qmp_qga::minimal_agent());
-    match &cli.qga {
-        Some(Listen::Unix(path)) => {
-            let listener = qmp_dispatcher::bind_unix(path, cli.socket_mode)
-                .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-            tracing::info!(path = %path.display(), "guest agent listening");
-            sockets.0.push(path.clone());
-            let agent = std::sync::Arc::clone(&agent);
-            listeners.spawn(async move { agent.serve_unix(listener).await });
-        }
-        Some(Listen::Tcp(_)) => return Err("--qga takes unix:PATH".into()),
-        None => {}
+    if let Some(path) = &cli.qga {
+        let listener = qmp_dispatcher::bind_unix(path, cli.socket_mode)
+            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+        sockets.0.push(path.clone());
+        banner.push(format!(
+            "guest agent on unix:{0}; connect with: qmp-shell -N {0}",
+            path.display()
+        ));
+        let agent = std::sync::Arc::clone(&agent);
+        listeners.spawn(async move { agent.serve_unix(listener).await });
     }
+    // Plain stderr, not the log: this is for whoever started the demo, whatever RUST_LOG says.
+    for line in &banner {
+        eprintln!("qmp-demo: {line}");
+    }
+    eprintln!("qmp-demo: stop with Ctrl-C (or the QMP command quit)");
 
     tokio::select! {
+        // `quit` has sent its SHUTDOWN event already.
         () = stop.cancelled() => tracing::info!("quit"),
-        () = shutdown_signal() => tracing::info!("signal received"),
+        name = signals.recv() => {
+            tracing::info!(signal = name, "signal received");
+            demo.run_state.host_shutdown(HostShutdown::HostSignal);
+        }
         Some(result) = listeners.join_next() => {
             if let Ok(Err(e)) = result {
                 tracing::error!(cause = %e, "listener failed");
@@ -160,12 +255,29 @@ impl Drop for SocketFiles {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// The signals that end the demo like `quit`, as they end QEMU (and qemu-storage-daemon):
+/// SIGTERM, SIGINT and SIGHUP.
+struct ShutdownSignals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> std::io::Result<Self> {
+        Ok(ShutdownSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for one; returns its name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+            _ = self.hup.recv() => "SIGHUP",
+        }
     }
 }
