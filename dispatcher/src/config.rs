@@ -106,6 +106,20 @@ impl Dialect {
     };
 }
 
+impl Dialect {
+    /// This dialect with another line ending.
+    pub const fn with_line_ending(mut self, line_ending: LineEnding) -> Self {
+        self.line_ending = line_ending;
+        self
+    }
+
+    /// This dialect with events delivered (or not).
+    pub const fn with_events(mut self, events: bool) -> Self {
+        self.events = events;
+        self
+    }
+}
+
 /// Default [`Config::max_in_flight`].
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 128;
 /// QEMU's `QMP_REQ_QUEUE_LEN_MAX`: in-band requests a legacy `oob` client may have queued.
