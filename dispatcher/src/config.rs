@@ -134,6 +134,15 @@ pub const DEFAULT_OUTPUT_HIGH_WATER: usize = 256 << 10;
 pub const DEFAULT_EVENT_QUEUE: usize = 4096;
 /// Default [`Config::max_retained`]: 16 MiB of ids per client.
 pub const DEFAULT_MAX_RETAINED: usize = 16 << 20;
+/// Default [`Config::max_memory`]: 1 GiB for every client's buffers and ids together.
+pub const DEFAULT_MAX_MEMORY: usize = 1 << 30;
+/// What a connection may hold even when the server-wide budget is spent, so a well-behaved
+/// client is still read while others hold large partial requests: 64 KiB.
+pub const MEMORY_FLOOR: usize = 64 << 10;
+/// Input buffered at once above which decoding (and the dispatch of what it decodes) moves
+/// off the runtime's worker (`block_in_place`), so one large value does not stall the other
+/// clients of that worker: 1 MiB.
+pub const LARGE_FRAME: usize = 1 << 20;
 /// `exec-oob` commands an async client may have in flight beyond
 /// [`Config::max_in_flight`], so that control commands still run at the cap.
 pub const OOB_RESERVE: usize = 8;
@@ -159,6 +168,10 @@ pub struct Config {
     pub max_retained: usize,
     /// Limits of one JSON value on input.
     pub limits: Limits,
+    /// Bytes all connections together may hold in input and output buffers and retained
+    /// ids. Past it, connections holding more than [`MEMORY_FLOOR`] stop reading until
+    /// memory is given back.
+    pub max_memory: usize,
     /// Connected clients per server; further connections wait in the listen backlog.
     pub max_clients: usize,
     /// A client whose unread output would exceed this because of events (it does not read
@@ -184,6 +197,7 @@ impl Default for Config {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_retained: DEFAULT_MAX_RETAINED,
             limits: Limits::default(),
+            max_memory: DEFAULT_MAX_MEMORY,
             max_clients: DEFAULT_MAX_CLIENTS,
             max_pending_output: DEFAULT_MAX_PENDING_OUTPUT,
             output_high_water: DEFAULT_OUTPUT_HIGH_WATER,

@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{LARGE_FRAME, MEMORY_FLOOR};
 use crate::qmp_return::Outgoing;
 use crate::server::{ConnectionParts, Shared};
 use crate::session::Session;
@@ -21,6 +22,9 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
 /// Read-buffer space kept free before each read, and the step it grows by.
 const READ_RESERVE: usize = 4096;
 const READ_GROWTH: usize = 16 * 1024;
+/// A buffer larger than this is given back once it no longer needs the room, so a client
+/// that once sent or received a large value does not keep its buffers while idle.
+const IDLE_CAPACITY: usize = 64 * 1024;
 
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +57,8 @@ pub(crate) struct Connection<'p, T: Transport, C> {
     eof: bool,
     /// The last decode found no complete frame in the input.
     input_drained: bool,
+    /// Bytes this connection has counted against the server's memory budget.
+    accounted: usize,
     client: u64,
 }
 
@@ -86,6 +92,7 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
             cancel,
             eof: false,
             input_drained: false,
+            accounted: 0,
             client,
         }
     }
@@ -109,7 +116,10 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
             if self.is_finished() {
                 return End::Finished;
             }
-            let paused = !self.may_read();
+            self.shrink_buffers();
+            self.account();
+            let over_budget = self.over_memory_budget();
+            let paused = !self.may_read() || over_budget;
             tokio::select! {
                 biased;
                 () = &mut stopping => return End::Shutdown,
@@ -123,6 +133,7 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
                     }
                 }
                 Some(message) = self.outbox.recv() => self.session.on_outgoing(message),
+                () = self.shared.memory.freed(), if over_budget => {}
                 input = read_or_watch::<T>(
                     &mut self.reader,
                     &mut self.parts.read_buf,
@@ -144,10 +155,11 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
     fn process(&mut self) -> Result<(), End> {
         loop {
             while self.may_read() {
-                let Some(frame) = self.decode() else {
+                // A large value is parsed, and its request dispatched, off the worker.
+                let large = self.parts.read_buf.len() >= LARGE_FRAME;
+                if !off_worker(large, || self.decode_and_dispatch()) {
                     break;
-                };
-                self.session.on_frame(frame);
+                }
                 // Handlers that answered at once are answered before the next request, so
                 // immediate replies keep request order.
                 self.receive_ready();
@@ -163,6 +175,15 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
             return Err(End::TooSlow);
         }
         Ok(())
+    }
+
+    /// Decodes the next frame, if the input holds one, and hands it to the session.
+    fn decode_and_dispatch(&mut self) -> bool {
+        let Some(frame) = self.decode() else {
+            return false;
+        };
+        self.session.on_frame(frame);
+        true
     }
 
     /// The next frame of the input, if it holds one.
@@ -201,8 +222,10 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
                     return Err(End::TooSlow);
                 }
             }
+            let large = matches!(&message, Message::Return { value, .. } if value.get().len() >= LARGE_FRAME);
+            let (codec, write_buf) = (&mut self.parts.codec, &mut self.write_buf);
             // Our codecs cannot fail to encode.
-            let _ = self.parts.codec.encode(message, &mut self.write_buf);
+            let _ = off_worker(large, || codec.encode(message, write_buf));
         }
         Ok(())
     }
@@ -221,6 +244,38 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
     /// the client left meanwhile? Then a request waiting in the input is not started.
     fn departed_while_paused(&self) -> bool {
         !self.eof && !self.parts.read_buf.is_empty() && T::has_departed(&self.reader)
+    }
+
+    /// Gives back buffer room a large value needed once.
+    fn shrink_buffers(&mut self) {
+        if self.write_buf.is_empty() && self.write_buf.capacity() > IDLE_CAPACITY {
+            self.write_buf = BytesMut::new();
+        }
+        let read_buf = &mut self.parts.read_buf;
+        if read_buf.capacity() > IDLE_CAPACITY && read_buf.capacity() > 4 * read_buf.len() {
+            // The decoder's offsets are relative to the buffer's start, so a copy keeps them.
+            let mut smaller = BytesMut::with_capacity(read_buf.len());
+            smaller.extend_from_slice(read_buf);
+            *read_buf = smaller;
+        }
+    }
+
+    /// What this connection holds: its buffers and the ids its commands retain.
+    fn held(&self) -> usize {
+        self.parts.read_buf.capacity() + self.write_buf.capacity() + self.session.retained()
+    }
+
+    /// Brings the server-wide memory count up to date with this connection.
+    fn account(&mut self) {
+        let held = self.held();
+        self.shared.memory.update(self.accounted, held);
+        self.accounted = held;
+    }
+
+    /// The server's budget is spent and this connection holds more than the floor every
+    /// connection keeps: it reads nothing more until memory is given back.
+    fn over_memory_budget(&self) -> bool {
+        self.accounted > MEMORY_FLOOR && self.shared.memory.exhausted()
     }
 
     fn consume_written(&mut self, n: usize) {
@@ -258,6 +313,8 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
             End::Finished | End::Departed => {}
         }
         self.session.close();
+        self.shared.memory.update(self.accounted, 0);
+        self.accounted = 0;
         let _ = self.writer.shutdown().await;
         if self.shared.config.dialect.busy_until_handlers_finish {
             self.wait_for_handlers().await;
@@ -296,5 +353,19 @@ async fn read_or_watch<T: Transport>(
         Ok(0) => Input::Eof,
         Ok(_) => Input::Data,
         Err(_) => Input::Departed,
+    }
+}
+
+/// Runs `work` so that a large piece of it does not hold up the other tasks of this worker
+/// thread (`block_in_place` hands them to another worker). On a current-thread runtime,
+/// where that is impossible, it simply runs.
+fn off_worker<R>(large: bool, work: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let multi_thread = Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == RuntimeFlavor::MultiThread);
+    if large && multi_thread {
+        tokio::task::block_in_place(work)
+    } else {
+        work()
     }
 }

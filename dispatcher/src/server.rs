@@ -34,6 +34,8 @@ pub(crate) struct Shared {
     /// `query-version`'s reply, written once in QEMU's member order.
     pub(crate) version_json: Box<RawValue>,
     pub(crate) counters: Counters,
+    /// What all connections hold, against `max_memory`.
+    pub(crate) memory: MemoryBudget,
     /// Live-return count and the tracker of handler work.
     pub(crate) returns: Arc<ReturnShared>,
 }
@@ -45,6 +47,56 @@ pub(crate) struct Counters {
     /// Kept by each client's in-flight table, in step with its entries.
     pub(crate) in_flight: Arc<AtomicUsize>,
     next_client: AtomicU64,
+}
+
+/// Bytes held by all connections of a server, against its budget.
+#[derive(Debug)]
+pub(crate) struct MemoryBudget {
+    used: AtomicUsize,
+    limit: usize,
+    /// Woken when usage falls back below the limit, for connections paused on it.
+    freed: tokio::sync::Notify,
+}
+
+impl MemoryBudget {
+    fn new(limit: usize) -> Self {
+        MemoryBudget {
+            used: AtomicUsize::new(0),
+            limit,
+            freed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Records a connection's change from `before` to `after` bytes.
+    pub(crate) fn update(&self, before: usize, after: usize) {
+        if after >= before {
+            self.used.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            let previous = self.used.fetch_sub(before - after, Ordering::Relaxed);
+            if previous >= self.limit && previous - (before - after) < self.limit {
+                self.freed.notify_waiters();
+            }
+        }
+    }
+
+    /// True while the budget is spent.
+    pub(crate) fn exhausted(&self) -> bool {
+        self.used.load(Ordering::Relaxed) >= self.limit
+    }
+
+    /// Resolves when memory is given back below the limit.
+    pub(crate) async fn freed(&self) {
+        let notified = self.freed.notified();
+        if !self.exhausted() {
+            return;
+        }
+        notified.await;
+    }
+
+    /// Bytes held now.
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
 }
 
 /// A QMP server: a registry of commands served to any number of clients, each with its own
@@ -81,6 +133,9 @@ pub struct Stats {
     pub live_returns: usize,
     /// Connection tasks still running.
     pub connection_tasks: usize,
+    /// Bytes held by all connections in buffers and retained ids, against
+    /// [`Config::max_memory`].
+    pub memory: usize,
     /// Handler work still running on the server's tracker ([`crate::QmpReturn::spawn`],
     /// [`crate::QmpReturn::spawn_blocking`], [`crate::Command::async_fn`]).
     pub handler_tasks: usize,
@@ -131,6 +186,13 @@ impl ServerBuilder {
     /// admitted when the client has nothing in flight, so no id QEMU accepts is refused.
     pub fn max_retained(mut self, bytes: usize) -> Self {
         self.config.max_retained = bytes;
+        self
+    }
+
+    /// Bytes every connection together may hold in buffers and retained ids (default
+    /// [`crate::config::DEFAULT_MAX_MEMORY`]); see [`Config::max_memory`].
+    pub fn max_memory(mut self, bytes: usize) -> Self {
+        self.config.max_memory = bytes;
         self
     }
 
@@ -196,6 +258,7 @@ impl ServerBuilder {
             throttles: config.throttles.clone(),
         });
         let client_slots = Arc::new(Semaphore::new(config.max_clients));
+        let config_max_memory = config.max_memory;
         let version_json =
             RawValue::from_string(config.version.to_qemu_json()).expect("the version text is JSON");
         Server {
@@ -206,6 +269,7 @@ impl ServerBuilder {
                 events,
                 version_json,
                 counters: Counters::default(),
+                memory: MemoryBudget::new(config_max_memory),
                 returns: Arc::default(),
             }),
             shutdown: CancellationToken::new(),
@@ -309,6 +373,7 @@ impl Server {
             live_returns: self.shared.returns.live.load(Ordering::Relaxed),
             connection_tasks: self.connections.len(),
             handler_tasks: self.shared.returns.tasks.len(),
+            memory: self.shared.memory.used(),
         }
     }
 

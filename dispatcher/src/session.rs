@@ -126,6 +126,11 @@ impl Session {
         self.lagged
     }
 
+    /// Bytes of ids the in-flight table holds.
+    pub(crate) fn retained(&self) -> usize {
+        self.in_flight.retained()
+    }
+
     /// The next message for the client, in order.
     pub(crate) fn next_output(&mut self) -> Option<Message> {
         self.output.pop_front()
