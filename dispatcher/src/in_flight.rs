@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 use slab::Slab;
 use tokio_util::sync::CancellationToken;
 
-use crate::qmp_return::Ticket;
+use crate::qmp_return::{Settlement, Ticket};
 
 /// One command in flight.
 #[derive(Debug)]
@@ -23,6 +23,8 @@ pub(crate) struct Entry {
     pub(crate) started: Instant,
     /// A child of the connection's token: cancelled by `async-command-cancel` or disconnect.
     pub(crate) cancel: CancellationToken,
+    /// Shared with the request's `QmpReturn`: a cancel must win it before it counts.
+    pub(crate) settlement: Settlement,
     /// Sent with `exec-oob`: its reply may overtake in-band replies.
     pub(crate) oob: bool,
     /// QAPI `success-response: false`: success sends nothing.
@@ -47,6 +49,7 @@ pub(crate) struct NewEntry {
     pub(crate) id_key: Option<String>,
     pub(crate) command: Arc<str>,
     pub(crate) cancel: CancellationToken,
+    pub(crate) settlement: Settlement,
     pub(crate) oob: bool,
     pub(crate) silent_success: bool,
     /// Index by id: true for async clients, whose in-flight ids are unique.
@@ -88,6 +91,7 @@ impl InFlight {
             command: new.command,
             started: Instant::now(),
             cancel: new.cancel,
+            settlement: new.settlement,
             oob: new.oob,
             silent_success: new.silent_success,
             indexed: new.indexed,
@@ -114,8 +118,8 @@ impl InFlight {
         Some(entry)
     }
 
-    /// Removes the command with this canonical id, whatever mode it was sent in.
-    pub(crate) fn take_by_id(&mut self, id_key: &str) -> Option<(Ticket, Entry)> {
+    /// The command with this canonical id, whatever mode it was sent in.
+    pub(crate) fn find_by_id(&self, id_key: &str) -> Option<Ticket> {
         let key = match self.by_id.get(id_key) {
             Some(&key) => key,
             None => {
@@ -125,11 +129,17 @@ impl InFlight {
                     .0
             }
         };
-        let ticket = Ticket {
+        Some(Ticket {
             key,
             seq: self.entries[key].seq,
-        };
-        self.take(ticket).map(|entry| (ticket, entry))
+        })
+    }
+
+    /// The entry of a ticket still in flight.
+    pub(crate) fn get(&self, ticket: Ticket) -> Option<&Entry> {
+        self.entries
+            .get(ticket.key)
+            .filter(|entry| entry.seq == ticket.seq)
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (Ticket, &Entry)> {
@@ -142,6 +152,8 @@ impl InFlight {
     pub(crate) fn cancel_all(&mut self) {
         self.total.fetch_sub(self.entries.len(), Ordering::Relaxed);
         for entry in self.entries.drain() {
+            // The client is gone either way; a reply committed first merely keeps its effect.
+            entry.settlement.cancel();
             entry.cancel.cancel();
         }
         self.by_id.clear();

@@ -19,7 +19,7 @@ use crate::config::{Config, LEGACY_QUEUE_LEN};
 use crate::error::QmpError;
 use crate::events::{Events, Subscription};
 use crate::in_flight::{InFlight, NewEntry};
-use crate::qmp_return::{Completion, Outcome, Outgoing, QmpReturn, Ticket};
+use crate::qmp_return::{Completion, Outcome, Outgoing, QmpReturn, Settlement, Ticket};
 use crate::registry::{Builtin, Kind, Registry};
 use crate::wire::request::{self, Request, RequestError};
 use crate::wire::{Frame, encode};
@@ -310,11 +310,13 @@ impl Session {
             id_key => id_key,
         };
         let cancel = self.cancel.child_token();
+        let settlement = Settlement::default();
         let ticket = self.in_flight.insert(NewEntry {
             id: request.id,
             id_key,
             command: Arc::clone(&command.name),
             cancel: cancel.clone(),
+            settlement: settlement.clone(),
             oob: request.oob,
             silent_success: command.silent_success,
             indexed: self.async_mode,
@@ -324,6 +326,7 @@ impl Session {
             ticket,
             Arc::clone(&command.name),
             cancel,
+            settlement,
             Arc::clone(&shared.counters.live_returns),
         );
         let span = tracing::debug_span!("command", client = self.client, cmd = %command.name);
@@ -471,16 +474,24 @@ impl Session {
         let CancelArgs { id } = crate::args::decode(arguments)?;
         let id_key = id.to_string();
         let found = if self.async_mode {
-            self.in_flight.take_by_id(&id_key)
+            self.in_flight.find_by_id(&id_key)
         } else {
-            let ticket = self.in_flight.iter().find_map(|(ticket, entry)| {
+            self.in_flight.iter().find_map(|(ticket, entry)| {
                 let raw = entry.id.as_deref()?;
                 let value: Value = serde_json::from_str(raw.get()).ok()?;
                 (value == id).then_some(ticket)
-            });
-            ticket.and_then(|ticket| self.in_flight.take(ticket).map(|entry| (ticket, entry)))
+            })
         };
-        let Some((ticket, entry)) = found else {
+        // A reply committed first (`ok_unless_cancelled`) wins: it is on its way, so the
+        // command counts as replied already.
+        let cancelled = found.filter(|&ticket| {
+            self.in_flight
+                .get(ticket)
+                .is_some_and(|entry| entry.settlement.cancel())
+        });
+        let Some((ticket, entry)) =
+            cancelled.and_then(|ticket| self.in_flight.take(ticket).map(|entry| (ticket, entry)))
+        else {
             return Err(QmpError::generic(format!(
                 "No command with id {id_key} is in flight"
             )));

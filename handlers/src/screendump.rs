@@ -149,11 +149,7 @@ impl Screendump {
             result = self.fill(target, args.format, &cancel) => result,
         };
         let kept = match result {
-            Ok(()) if cancel.is_cancelled() => false,
-            Ok(()) => {
-                ret.ok(&json!({}));
-                true
-            }
+            Ok(()) => ret.ok_unless_cancelled(&json!({})),
             // The client is gone or cancelled it, and was told so; nobody waits.
             Err(DumpError::Cancelled) => false,
             Err(error) => {
