@@ -9,7 +9,7 @@ use hashbrown::HashTable;
 use slab::Slab;
 use tokio_util::sync::CancellationToken;
 
-use crate::qmp_return::Ticket;
+use crate::qmp_return::{Settlement, Ticket};
 use crate::wire::Id;
 
 /// One command in flight.
@@ -23,6 +23,8 @@ pub(crate) struct Entry {
     pub(crate) started: Instant,
     /// A child of the connection's token: cancelled by `async-command-cancel` or disconnect.
     pub(crate) cancel: CancellationToken,
+    /// Shared with the request's `QmpReturn`: a cancel must win it before it counts.
+    pub(crate) settlement: Settlement,
     /// Sent with `exec-oob`: its reply may overtake in-band replies.
     pub(crate) oob: bool,
     /// QAPI `success-response: false`: success sends nothing.
@@ -51,6 +53,7 @@ pub(crate) struct NewEntry {
     pub(crate) id: Option<Id>,
     pub(crate) command: Arc<str>,
     pub(crate) cancel: CancellationToken,
+    pub(crate) settlement: Settlement,
     pub(crate) oob: bool,
     pub(crate) silent_success: bool,
     /// Index by id: true for async clients, whose in-flight ids are unique.
@@ -107,6 +110,7 @@ impl InFlight {
             command: new.command,
             started: Instant::now(),
             cancel: new.cancel,
+            settlement: new.settlement,
             oob: new.oob,
             silent_success: new.silent_success,
             indexed: new.indexed,
@@ -141,9 +145,9 @@ impl InFlight {
         Some(entry)
     }
 
-    /// Removes the command with this id key, whatever mode it was sent in (legacy entries
-    /// are not indexed: they are searched, as a legacy client has few in flight).
-    pub(crate) fn take_by_id(&mut self, id_key: &str) -> Option<(Ticket, Entry)> {
+    /// The command with this id key, whatever mode it was sent in (legacy entries are not
+    /// indexed: they are searched, as a legacy client has few in flight).
+    pub(crate) fn find_by_id(&self, id_key: &str) -> Option<Ticket> {
         let key = match self.find(id_key) {
             Some(key) => key,
             None => {
@@ -153,11 +157,17 @@ impl InFlight {
                     .0
             }
         };
-        let ticket = Ticket {
+        Some(Ticket {
             key,
             seq: self.entries[key].seq,
-        };
-        self.take(ticket).map(|entry| (ticket, entry))
+        })
+    }
+
+    /// The entry of a ticket still in flight.
+    pub(crate) fn get(&self, ticket: Ticket) -> Option<&Entry> {
+        self.entries
+            .get(ticket.key)
+            .filter(|entry| entry.seq == ticket.seq)
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (Ticket, &Entry)> {
@@ -170,6 +180,8 @@ impl InFlight {
     pub(crate) fn cancel_all(&mut self) {
         self.total.fetch_sub(self.entries.len(), Ordering::Relaxed);
         for entry in self.entries.drain() {
+            // The client is gone either way; a reply committed first merely keeps its effect.
+            entry.settlement.cancel();
             entry.cancel.cancel();
         }
         self.by_id.clear();

@@ -1,7 +1,7 @@
 //! `QmpReturn`: the one reply a request is owed, deliverable now or later, from any thread.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -44,6 +44,39 @@ pub(crate) enum Outcome {
     Error(QmpError),
 }
 
+/// Which came first for one request: a committed reply or its cancellation. Shared by the
+/// request's [`QmpReturn`] and its in-flight entry, so that the handler and the session agree
+/// on one outcome (see [`QmpReturn::ok_unless_cancelled`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Settlement(Arc<AtomicU8>);
+
+impl Settlement {
+    const OPEN: u8 = 0;
+    const REPLIED: u8 = 1;
+    const CANCELLED: u8 = 2;
+
+    /// Settles the request as cancelled unless a reply was committed first; true if the
+    /// request is (now or already) cancelled.
+    pub(crate) fn cancel(&self) -> bool {
+        self.settle(Self::CANCELLED)
+    }
+
+    /// Settles the request as replied unless it was cancelled first; true if it is replied.
+    fn commit_reply(&self) -> bool {
+        self.settle(Self::REPLIED)
+    }
+
+    fn settle(&self, outcome: u8) -> bool {
+        match self
+            .0
+            .compare_exchange(Self::OPEN, outcome, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(settled) => settled == outcome,
+        }
+    }
+}
+
 /// What every `QmpReturn` of one server shares: the leak counter and the tracker that
 /// handler work runs on, so [`crate::Server::wait`] also waits for it.
 #[derive(Debug, Default)]
@@ -70,6 +103,7 @@ pub struct QmpReturn {
     sink: Option<Sink>,
     command: Arc<str>,
     cancel: CancellationToken,
+    settlement: Settlement,
     /// Counts live returns for the server's leak check (decremented on drop), and tracks
     /// the handler work spawned through this return.
     shared: Arc<ReturnShared>,
@@ -87,6 +121,7 @@ impl QmpReturn {
         ticket: Ticket,
         command: Arc<str>,
         cancel: CancellationToken,
+        settlement: Settlement,
         shared: Arc<ReturnShared>,
     ) -> Self {
         shared.live.fetch_add(1, Ordering::Relaxed);
@@ -94,6 +129,7 @@ impl QmpReturn {
             sink: Some(Sink { tx, ticket }),
             command,
             cancel,
+            settlement,
             shared,
         }
     }
@@ -115,6 +151,35 @@ impl QmpReturn {
     /// Replies `{"return": value}` with a value that is already JSON.
     pub fn ok_raw(mut self, value: Box<RawValue>) {
         self.send(Outcome::Return(value));
+    }
+
+    /// Replies `{"return": value}` unless the request was cancelled first, and says which
+    /// happened: `true` if this reply stands, `false` if the request was cancelled (the client
+    /// got `Command NAME has been cancelled`, or is gone) and the reply is discarded.
+    ///
+    /// For a handler whose work has a visible effect it must undo when cancelled (a file it
+    /// wrote): the outcome is decided at one point with the session, so a cancel that loses
+    /// the race is answered `No command with id ID is in flight` and is followed by this
+    /// reply, never answered "cancelled" while the work stands. [`ok`](Self::ok) gives no such
+    /// guarantee: a cancel racing it may win after the work is done.
+    #[must_use = "false means the request was cancelled and its effect should be undone"]
+    pub fn ok_unless_cancelled<T: Serialize + ?Sized>(mut self, value: &T) -> bool {
+        match serde_json::value::to_raw_value(value) {
+            Ok(value) => {
+                // Queued before it is committed: a cancel that finds it committed knows the
+                // reply is on its way; one that wins first makes the session discard it.
+                self.send(Outcome::Return(value));
+                self.settlement.commit_reply()
+            }
+            Err(e) => {
+                let desc = format!(
+                    "Command {} produced an unserializable reply: {e}",
+                    self.command
+                );
+                self.err(QmpError::generic(desc));
+                true
+            }
+        }
     }
 
     /// Replies with an error.

@@ -18,7 +18,7 @@ use crate::config::{LEGACY_QUEUE_LEN, OOB_RESERVE};
 use crate::error::QmpError;
 use crate::events::Subscription;
 use crate::in_flight::{self, InFlight, NewEntry};
-use crate::qmp_return::{Completion, Outcome, Outgoing, QmpReturn, Ticket};
+use crate::qmp_return::{Completion, Outcome, Outgoing, QmpReturn, Settlement, Ticket};
 use crate::registry::{Builtin, Kind};
 use crate::server::Shared;
 use crate::wire::request::{self, Request, RequestError};
@@ -345,10 +345,12 @@ impl Session {
         };
 
         let cancel = self.cancel.child_token();
+        let settlement = Settlement::default();
         let ticket = self.in_flight.insert(NewEntry {
             id,
             command: Arc::clone(&command.name),
             cancel: cancel.clone(),
+            settlement: settlement.clone(),
             oob,
             silent_success: command.silent_success,
             indexed: self.async_mode,
@@ -362,6 +364,7 @@ impl Session {
             ticket,
             Arc::clone(&command.name),
             cancel,
+            settlement,
             Arc::clone(&shared.returns),
         );
         let span = tracing::debug_span!("command", client = self.client, cmd = %command.name);
@@ -505,7 +508,15 @@ impl Session {
         }
         let CancelArgs { id } = crate::args::decode(arguments)?;
         let id_key = canonical_key(&id);
-        let Some((ticket, entry)) = self.in_flight.take_by_id(&id_key) else {
+        // A reply committed first (`ok_unless_cancelled`) wins: it is on its way, so the
+        // command counts as replied already.
+        let won = self.in_flight.find_by_id(&id_key).filter(|&ticket| {
+            self.in_flight
+                .get(ticket)
+                .is_some_and(|entry| entry.settlement.cancel())
+        });
+        let taken = won.and_then(|ticket| Some((ticket, self.in_flight.take(ticket)?)));
+        let Some((ticket, entry)) = taken else {
             return Err(QmpError::generic(format!(
                 "No command with id {id_key} is in flight"
             )));

@@ -13,6 +13,10 @@ use crate::{misc, screendump};
 /// The display device id of the demo's framebuffer.
 pub const DISPLAY_DEVICE: &str = "video0";
 
+/// The demo's bound on `screendump`'s blocking work: small, since encoding is CPU-bound
+/// and a target that hangs in the kernel should pin few threads.
+pub const DEFAULT_SCREENDUMP_MAX_BLOCKING: usize = 2;
+
 /// What the demo is configured with.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -22,6 +26,8 @@ pub struct DemoOptions {
     pub max_clients: usize,
     /// Framebuffer size.
     pub display_size: (u32, u32),
+    /// Blocking steps `screendump` runs at once (see `Screendump::new`).
+    pub screendump_max_blocking: usize,
     /// Test hook: `screendump` sleeps this long per chunk of rows, to be caught in flight.
     #[doc(hidden)]
     pub screendump_chunk_delay: Duration,
@@ -33,6 +39,7 @@ impl Default for DemoOptions {
             max_in_flight: qmp_dispatcher::config::DEFAULT_MAX_IN_FLIGHT,
             max_clients: qmp_dispatcher::config::DEFAULT_MAX_CLIENTS,
             display_size: (1920, 1080),
+            screendump_max_blocking: DEFAULT_SCREENDUMP_MAX_BLOCKING,
             screendump_chunk_delay: Duration::ZERO,
         }
     }
@@ -64,10 +71,11 @@ pub fn build(
     let mut registry = Registry::builder();
     run_state.register(&mut registry)?;
     registry
-        .add(screendump::paced_command(
-            display,
-            options.screendump_chunk_delay,
-        ))?
+        .add(
+            screendump::Screendump::new(display, options.screendump_max_blocking)
+                .chunk_delay(options.screendump_chunk_delay)
+                .command(),
+        )?
         .add(misc::query_yank())?
         .add(misc::x_delay())?
         .add(run_state.quit(on_quit))?;

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -11,9 +11,7 @@ use serde::{Deserialize, Serialize};
 /// Bytes per RGB8 pixel.
 const BYTES_PER_PIXEL: usize = 3;
 
-/// Rows written between two cancellation checks: about 360 KiB at 1920 pixels
-/// wide, so a 1080-row frame is written in 17 chunks and a cancel request is
-/// noticed within a millisecond or so.
+/// Rows compressed between two cancellation checks while encoding a PNG.
 const ROWS_PER_CHUNK: usize = 64;
 
 /// A display a VMM can take screenshots of.
@@ -265,12 +263,70 @@ impl fmt::Display for DumpError {
 
 impl std::error::Error for DumpError {}
 
-/// Writes `image` to `path` as `format`, creating or truncating the file.
+/// An encoded image, ready to be written out in chunks.
+#[derive(Debug)]
+pub struct Encoded {
+    /// Written first: the PPM header (a PNG has none apart from its body).
+    header: Vec<u8>,
+    body: Vec<u8>,
+}
+
+impl Encoded {
+    /// Length in bytes of the whole file.
+    pub fn len(&self) -> usize {
+        self.header.len() + self.body.len()
+    }
+
+    /// True for an empty encoding (never produced by [`encode`]).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes in the order they go to the file, in pieces of at most [`WRITE_CHUNK`]
+    /// bytes: a writer checks for cancellation between two of them.
+    pub fn chunks(&self) -> impl Iterator<Item = &[u8]> {
+        std::iter::once(self.header.as_slice())
+            .filter(|header| !header.is_empty())
+            .chain(self.body.chunks(WRITE_CHUNK))
+    }
+}
+
+/// Largest piece [`Encoded::chunks`] yields: 64 rows of a 1920-pixel frame, so a 1080-row
+/// frame goes out in 17 pieces and a cancel request is noticed within a millisecond or so.
+pub const WRITE_CHUNK: usize = 64 * 1920 * BYTES_PER_PIXEL;
+
+/// Encodes `image` as `format` in memory. CPU-bound: meant for a blocking thread.
 ///
-/// Meant to run on a blocking thread. `cancelled` is polled before the file
-/// is created and between chunks of rows; once it returns `true` writing
-/// stops. On cancellation or any error the partially written file is removed
-/// (unless `path` is not a regular file, e.g. a device node), so a failed
+/// `cancelled` is polled between chunks of rows while compressing a PNG; once it returns
+/// `true` encoding stops with [`DumpError::Cancelled`]. A PPM takes the pixels as they are.
+pub fn encode(
+    image: Image,
+    format: ImageFormat,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Encoded, DumpError> {
+    match format {
+        ImageFormat::Ppm => Ok(Encoded {
+            header: format!("P6\n{} {}\n255\n", image.width, image.height).into_bytes(),
+            body: image.into_pixels(),
+        }),
+        ImageFormat::Png => {
+            // The test pattern compresses to a few percent; real screens rarely exceed half.
+            let mut body = Vec::with_capacity(image.pixels.len() / 8);
+            encode_png(&image, &mut body, cancelled)?;
+            Ok(Encoded {
+                header: Vec::new(),
+                body,
+            })
+        }
+    }
+}
+
+/// Writes `image` to `path` as `format`, creating or truncating the file: [`encode`] and
+/// [`write_encoded`] on the calling thread, for embedders without an async runtime.
+///
+/// `cancelled` is polled before the file is created, while encoding and between chunks;
+/// once it returns `true` writing stops. On cancellation or any error the partially written
+/// file is removed (unless `path` is not a regular file, e.g. a device node), so a failed
 /// call leaves no truncated image behind.
 ///
 /// Error texts follow QEMU 10.0: `failed to open file '<path>': <reason>` when the file
@@ -284,38 +340,25 @@ pub fn write_image(
     if cancelled() {
         return Err(DumpError::Cancelled);
     }
-    let file = File::create(path).map_err(|error| {
-        DumpError::Io(format!(
-            "failed to open file '{}': {}",
-            path.display(),
-            os_error_text(&error)
-        ))
-    })?;
+    let mut file = File::create(path).map_err(|error| open_error(path, &error))?;
     // Only a regular file we just created or truncated is ours to delete.
     let removable = file.metadata().is_ok_and(|metadata| metadata.is_file());
-    // Large buffer: the chunks are big, so this mainly saves syscalls for the PPM header
-    // and PNG chunk framing.
-    let out = BufWriter::with_capacity(1 << 16, file);
-    let result = match format {
-        ImageFormat::Ppm => write_ppm(image, out, cancelled),
-        ImageFormat::Png => write_png(image, out, cancelled),
-    };
-    // By now the file is closed: the writer was moved into, and dropped by, the encoder.
+    let result = encode(image.clone(), format, cancelled)
+        .and_then(|encoded| write_encoded(&encoded, &mut file, cancelled));
+    drop(file);
     if result.is_err() && removable {
-        if let Err(error) = std::fs::remove_file(path) {
-            tracing::warn!(path = %path.display(), %error, "could not remove partial image file");
-        }
+        remove_partial(path);
     }
     result
 }
 
-fn write_ppm(
-    image: &Image,
-    mut out: impl Write,
+/// Writes `encoded` to `out` chunk by chunk, polling `cancelled` before each chunk.
+pub fn write_encoded(
+    encoded: &Encoded,
+    out: &mut impl Write,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<(), DumpError> {
-    write!(out, "P6\n{} {}\n255\n", image.width, image.height).map_err(write_error)?;
-    for chunk in image.row_chunks(ROWS_PER_CHUNK) {
+    for chunk in encoded.chunks() {
         if cancelled() {
             return Err(DumpError::Cancelled);
         }
@@ -324,7 +367,23 @@ fn write_ppm(
     out.flush().map_err(write_error)
 }
 
-fn write_png(
+/// Removes an image file that must not be left behind (partial, or cancelled).
+pub fn remove_partial(path: &Path) {
+    if let Err(error) = std::fs::remove_file(path) {
+        tracing::warn!(path = %path.display(), %error, "could not remove partial image file");
+    }
+}
+
+/// QEMU's text for a file `screendump` cannot open.
+pub fn open_error(path: &Path, error: &io::Error) -> DumpError {
+    DumpError::Io(format!(
+        "failed to open file '{}': {}",
+        path.display(),
+        os_error_text(error)
+    ))
+}
+
+fn encode_png(
     image: &Image,
     out: impl Write,
     cancelled: &dyn Fn() -> bool,
@@ -345,11 +404,12 @@ fn write_png(
         }
         stream.finish().map_err(png_error)?;
     }
-    // Writes IEND and flushes, reporting errors that a plain drop would swallow.
+    // Writes IEND, reporting errors that a plain drop would swallow.
     writer.finish().map_err(png_error)
 }
 
-fn write_error(error: io::Error) -> DumpError {
+/// QEMU's text for a write that failed.
+pub fn write_error(error: io::Error) -> DumpError {
     DumpError::Io(format!(
         "Unable to write to file: {}",
         os_error_text(&error)
@@ -516,7 +576,8 @@ mod tests {
                 Ok(())
             }
         }
-        let error = write_ppm(&Image::new(2, 2), DiskFull, &never).unwrap_err();
+        let encoded = encode(Image::new(2, 2), ImageFormat::Ppm, &never).unwrap();
+        let error = write_encoded(&encoded, &mut DiskFull, &never).unwrap_err();
         assert_eq!(
             error.to_string(),
             "Unable to write to file: No space left on device"

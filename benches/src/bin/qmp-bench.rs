@@ -3,14 +3,16 @@
 //! Run against the floor with
 //! `cargo run --release -p qmp-benches --bin qmp-bench -- --spawn "target/release/qmp-floor --unix /tmp/f.sock" --unix /tmp/f.sock --clients 8 --depth 8 --caps async`.
 //! Each client connects, reads the greeting, negotiates `--caps`, then keeps exactly `--depth`
-//! requests in flight, matching replies by id. Events are skipped; error replies are counted.
+//! requests in flight, matching replies by id. Events are skipped; error replies are counted
+//! apart, left out of the latency figures, and make the run exit with status 1.
 
 use std::error::Error;
 use std::fmt::Write as _;
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -28,9 +30,41 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Linux reports /proc/PID/stat times in USER_HZ, which is 100 on every architecture.
 const USER_HZ: f64 = 100.0;
+/// How often the server's VmRSS is sampled for this run's peak.
+const RSS_INTERVAL: Duration = Duration::from_millis(50);
+/// After Ctrl-C, how long clients may take to collect the replies still in flight.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(1);
+/// How long a spawned server may take to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Exit status of a run in which commands failed.
+const EXIT_ERRORS: u8 = 1;
+/// Exit status of a run stopped by Ctrl-C (128 + SIGINT), after printing its results.
+const EXIT_INTERRUPTED: u8 = 130;
+
+const EXAMPLES: &str = "\
+Examples:
+  # qmp-demo, 8 async clients with 8 commands in flight each, for 5 s; qmp-bench starts the
+  # server, samples its CPU and memory, and stops it with SIGTERM at the end
+  qmp-bench --spawn 'target/release/qmp-demo --qmp unix:/tmp/demo.sock' \\
+      --unix /tmp/demo.sock --clients 8 --depth 8 --caps async
+
+  # qemu-storage-daemon serves one client per monitor socket: one --unix per client
+  qmp-bench --spawn 'qemu-storage-daemon \\
+        --chardev socket,path=/tmp/m0.sock,server=on,wait=off,id=m0 --monitor chardev=m0 \\
+        --chardev socket,path=/tmp/m1.sock,server=on,wait=off,id=m1 --monitor chardev=m1' \\
+      --unix /tmp/m0.sock --unix /tmp/m1.sock --clients 2 --duration 3 --json
+
+  # a server already running: 10,000 commands, latency of each
+  qmp-bench --pid \"$(pidof qmp-demo)\" --unix /tmp/demo.sock --count 10000 --caps async
+
+Exit status: 0 when every command succeeded, 1 when any failed (or the run could not
+start), 130 when interrupted with Ctrl-C (the results so far are printed first).";
 
 #[derive(Parser)]
-#[command(about = "Load generator for QMP servers (QEMU monitors, qmp-dispatcher, qmp-floor)")]
+#[command(
+    about = "Load generator for QMP servers (QEMU monitors, qmp-dispatcher, qmp-floor)",
+    after_help = EXAMPLES
+)]
 struct Cli {
     /// Unix socket of the server; repeat it to spread clients round-robin over several sockets
     /// (QEMU serves one client per monitor socket).
@@ -39,11 +73,12 @@ struct Cli {
     /// TCP address of the server, e.g. 127.0.0.1:4444.
     #[arg(long)]
     tcp: Option<String>,
-    /// Concurrent client connections.
-    #[arg(long, default_value_t = 1)]
+    /// Concurrent client connections (at least 1).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     clients: usize,
-    /// Commands in flight per client (a legacy client, without capabilities, is held to 1).
-    #[arg(long, default_value_t = 1)]
+    /// Commands in flight per client, at least 1 (a legacy client, without capabilities, is
+    /// held to 1).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     depth: usize,
     /// Issue commands for this many seconds (default 5 unless --count is given).
     #[arg(long, conflicts_with = "count")]
@@ -61,11 +96,14 @@ struct Cli {
     /// Guest-agent style: expect no greeting and send no qmp_capabilities.
     #[arg(long)]
     no_greeting: bool,
-    /// Start the server with `sh -c "exec CMD"`, wait for its socket(s), sample its CPU time
-    /// and peak RSS, and kill it at the end.
+    /// Start the server with `sh -c "exec CMD"` (in its own process group, so Ctrl-C reaches
+    /// only qmp-bench), wait for its socket(s), sample its CPU time and memory, and stop it at
+    /// the end with SIGTERM (SIGKILL if it has not exited 5 s later).
     #[arg(long, conflicts_with = "pid")]
     spawn: Option<String>,
-    /// Sample CPU time and memory of this already running server process.
+    /// Sample CPU time and memory of this already running server process. The peak RSS
+    /// reported is the highest VmRSS sampled (every 50 ms) during this run, not the process's
+    /// lifetime peak (VmHWM).
     #[arg(long)]
     pid: Option<u32>,
     /// Memory mode: connect and negotiate N clients, hold them idle, and report the server's
@@ -86,9 +124,22 @@ struct Cli {
     /// Tokio worker threads of the generator (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Print one JSON object instead of a readable line.
+    /// Print one JSON object instead of a readable line: the run's settings, counts,
+    /// latency percentiles (p50, p90, p99, p99.9, max) and server figures.
     #[arg(long)]
     json: bool,
+    /// No progress line. Progress is shown once a second on stderr only when it is a
+    /// terminal.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(err) => Err(err.to_string()),
+    }
 }
 
 /// Where clients connect; client `i` uses `targets[i % targets.len()]`.
@@ -101,22 +152,37 @@ enum Target {
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-async fn connect(target: &Target) -> std::io::Result<Box<dyn Stream>> {
-    Ok(match target {
-        Target::Unix(path) => Box::new(UnixStream::connect(path).await?),
-        Target::Tcp(addr) => {
-            let stream = TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            Box::new(stream)
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Unix(path) => write!(f, "unix:{}", path.display()),
+            Target::Tcp(addr) => write!(f, "tcp:{addr}"),
         }
-    })
+    }
+}
+
+/// Connects to `target`; the error names it.
+async fn connect(target: &Target) -> Result<Box<dyn Stream>, BoxError> {
+    let connected: std::io::Result<Box<dyn Stream>> = async {
+        Ok(match target {
+            Target::Unix(path) => Box::new(UnixStream::connect(path).await?) as Box<dyn Stream>,
+            Target::Tcp(addr) => {
+                let stream = TcpStream::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                Box::new(stream)
+            }
+        })
+    }
+    .await;
+    connected.map_err(|err| format!("cannot connect to {target}: {err}").into())
 }
 
 /// The members of a server message the generator needs; the rest is parsed and skipped.
 #[derive(Deserialize)]
 struct ReplyHead {
     id: Option<u64>,
-    error: Option<IgnoredAny>,
+    /// Parsed in full only when present, which is rare in a sound run.
+    error: Option<serde_json::Value>,
     event: Option<IgnoredAny>,
 }
 
@@ -211,11 +277,20 @@ struct Options {
     count: Option<u64>,
     /// Commands issued so far by all clients; compared with `count`.
     issued: AtomicU64,
+    /// Replies so far, errors included, for the progress line.
+    replies: AtomicU64,
+    /// Error replies so far.
+    errors: AtomicU64,
+    /// Set by Ctrl-C: issue nothing more.
+    stop: AtomicBool,
 }
 
 impl Options {
     /// Whether a client may issue one more command at `now`.
     fn take_ticket(&self, now: Instant, deadline: Option<Instant>) -> bool {
+        if self.stop.load(Ordering::Relaxed) {
+            return false;
+        }
         match (self.count, deadline) {
             (Some(count), _) => self.issued.fetch_add(1, Ordering::Relaxed) < count,
             (None, Some(deadline)) => now < deadline,
@@ -224,12 +299,28 @@ impl Options {
     }
 }
 
-/// What one client measured.
+/// What one client measured. Shared with the run, which reads it even from a client it had
+/// to abort (Ctrl-C).
 struct ClientStats {
+    /// Latency of successful commands only.
     latency_ns: Histogram<u64>,
     completed: u64,
     errors: u64,
+    /// The first error reply, to show what failed.
+    first_error: Option<String>,
     last_reply: Instant,
+}
+
+impl ClientStats {
+    fn new() -> Result<Self, BoxError> {
+        Ok(ClientStats {
+            latency_ns: Histogram::new(3)?,
+            completed: 0,
+            errors: 0,
+            first_error: None,
+            last_reply: Instant::now(),
+        })
+    }
 }
 
 /// Keeps `depth` requests outstanding until the run ends, then drains them.
@@ -240,19 +331,14 @@ async fn run_load(
     mut conn: Connection,
     opts: Arc<Options>,
     deadline: Option<Instant>,
-) -> Result<ClientStats, BoxError> {
+    stats: Arc<Mutex<ClientStats>>,
+) -> Result<(), BoxError> {
     let depth = opts.depth as u64;
     let mut in_flight: Vec<Option<(u64, Instant)>> = vec![None; opts.depth];
     let mut free_slots: Vec<usize> = (0..opts.depth).rev().collect();
     let mut batch_slots = Vec::with_capacity(opts.depth);
     let mut out = Vec::with_capacity(opts.depth * (opts.request_prefix.len() + 24));
     let mut seq = 0u64;
-    let mut stats = ClientStats {
-        latency_ns: Histogram::new(3)?,
-        completed: 0,
-        errors: 0,
-        last_reply: Instant::now(),
-    };
     let mut now = Instant::now();
     loop {
         while let Some(&slot) = free_slots.last() {
@@ -276,11 +362,13 @@ async fn run_load(
             out.clear();
         }
         if free_slots.len() == opts.depth {
-            return Ok(stats);
+            return Ok(());
         }
 
         conn.fill().await?;
         now = Instant::now();
+        let mut stats = stats.lock().expect("stats lock");
+        let (replies_before, errors_before) = (stats.completed, stats.errors);
         while let Some(line) = conn.next_line() {
             let reply: ReplyHead = serde_json::from_slice(line)?;
             if reply.event.is_some() {
@@ -290,17 +378,26 @@ async fn run_load(
                 return Err(format!("reply without id: {}", String::from_utf8_lossy(line)).into());
             };
             let slot = (id % depth) as usize;
-            match in_flight[slot].take() {
-                Some((expected, sent)) if expected == id => {
-                    stats.latency_ns.record((now - sent).as_nanos() as u64)?;
-                }
+            let sent = match in_flight[slot].take() {
+                Some((expected, sent)) if expected == id => sent,
                 _ => return Err(format!("reply to unknown id {id}").into()),
+            };
+            match reply.error {
+                // A failure's latency says nothing about the command: kept out of the figures.
+                Some(error) => {
+                    stats.errors += 1;
+                    stats.first_error.get_or_insert_with(|| error.to_string());
+                }
+                None => stats.latency_ns.record((now - sent).as_nanos() as u64)?,
             }
-            stats.errors += u64::from(reply.error.is_some());
             stats.completed += 1;
             stats.last_reply = now;
             free_slots.push(slot);
         }
+        opts.replies
+            .fetch_add(stats.completed - replies_before, Ordering::Relaxed);
+        opts.errors
+            .fetch_add(stats.errors - errors_before, Ordering::Relaxed);
     }
 }
 
@@ -318,8 +415,12 @@ impl Server {
             .arg("-c")
             .arg(format!("exec {command}"))
             .stdout(std::process::Stdio::null())
+            // Its own process group: a Ctrl-C in the terminal is for qmp-bench, which then
+            // prints its results and stops the server itself.
+            .process_group(0)
             .kill_on_drop(true)
-            .spawn()?;
+            .spawn()
+            .map_err(|err| format!("cannot start `{command}`: {err}"))?;
         let pid = child.id().ok_or("server exited at once")?;
         let started = Instant::now();
         for target in targets {
@@ -327,14 +428,15 @@ impl Server {
             // file may be left from an earlier run. QEMU frees its one client slot when the
             // probe closes.
             loop {
-                if connect(target).await.is_ok() {
+                let probe = connect(target).await;
+                if probe.is_ok() {
                     break;
                 }
                 if let Some(status) = child.try_wait()? {
                     return Err(format!("server exited with {status}").into());
                 }
-                if started.elapsed() > HANDSHAKE_TIMEOUT {
-                    return Err("server socket did not appear within 10 s".into());
+                if let (true, Err(err)) = (started.elapsed() > HANDSHAKE_TIMEOUT, probe) {
+                    return Err(format!("server not listening within 10 s: {err}").into());
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -360,9 +462,30 @@ impl Server {
         Ok(line.trim().trim_end_matches("kB").trim().parse()?)
     }
 
+    /// Stops a server qmp-bench started: SIGTERM, so it can remove its sockets, then SIGKILL
+    /// if it is still running after [`STOP_GRACE`].
     async fn stop(mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill().await;
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok()
+            && tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok()
+        {
+            return;
+        }
+        eprintln!("qmp-bench: server did not exit on SIGTERM within 5 s; killing it");
+        let _ = child.kill().await;
+    }
+
+    /// Samples VmRSS every [`RSS_INTERVAL`] into `peak` until aborted.
+    async fn sample_rss(pid: u32, peak: Arc<AtomicU64>) {
+        let server = Server { pid, child: None };
+        loop {
+            if let Ok(rss) = server.memory_kib("VmRSS") {
+                peak.fetch_max(rss, Ordering::Relaxed);
+            }
+            tokio::time::sleep(RSS_INTERVAL).await;
         }
     }
 }
@@ -401,87 +524,217 @@ async fn open_clients(
     Ok(conns)
 }
 
-/// Throughput run: returns the results as JSON and a readable line.
+/// What a measurement produced: its results, and whether commands failed or it was cut short.
+struct Outcome {
+    json: serde_json::Value,
+    line: String,
+    /// Error replies, with the first one.
+    errors: Option<(u64, String)>,
+    interrupted: bool,
+}
+
+impl Outcome {
+    fn of(json: serde_json::Value, line: String) -> Self {
+        Outcome {
+            json,
+            line,
+            errors: None,
+            interrupted: false,
+        }
+    }
+}
+
+/// The run's settings, echoed in `--json` so a result file says what was measured.
+fn settings(cli: &Cli, targets: &[Target], opts: &Options) -> serde_json::Value {
+    serde_json::json!({
+        "command": cli.command,
+        "caps": opts.caps,
+        "clients": cli.clients,
+        "depth": opts.depth,
+        "duration_s": cli.duration,
+        "count": cli.count,
+        "targets": targets.iter().map(Target::to_string).collect::<Vec<_>>(),
+        "pipeline_legacy": cli.pipeline_legacy,
+        "no_greeting": cli.no_greeting,
+    })
+}
+
+/// Prints replies so far once a second on stderr, overwriting its own line.
+async fn show_progress(opts: Arc<Options>, start: Instant) {
+    let mut ticks = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
+    let mut previous = 0;
+    loop {
+        ticks.tick().await;
+        let replies = opts.replies.load(Ordering::Relaxed);
+        let errors = opts.errors.load(Ordering::Relaxed);
+        eprint!(
+            "\r\x1b[K{:.0} s: {replies} replies, {} cmds/s, {errors} errors",
+            start.elapsed().as_secs_f64(),
+            replies - previous
+        );
+        previous = replies;
+    }
+}
+
+/// Throughput run: returns the results as JSON and a readable line. Ctrl-C stops it early
+/// with the results so far.
 async fn measure_load(
     cli: &Cli,
     targets: &[Target],
     opts: Arc<Options>,
     server: Option<&Server>,
-) -> Result<(serde_json::Value, String), BoxError> {
+) -> Result<Outcome, BoxError> {
     let conns = open_clients(cli.clients, targets, &opts).await?;
     let cpu_before = server.map(Server::cpu_seconds).transpose()?;
     // The generator's own CPU time shows whether it, not the server, is the bottleneck.
     let generator_cpu_before = process_cpu_seconds("self")?;
+    let peak_rss = Arc::new(AtomicU64::new(0));
+    let mut helpers = tokio::task::JoinSet::new();
+    if let Some(server) = server {
+        helpers.spawn(Server::sample_rss(server.pid, Arc::clone(&peak_rss)));
+    }
     let start = Instant::now();
+    let progress = !cli.quiet && std::io::stderr().is_terminal();
+    if progress {
+        helpers.spawn(show_progress(Arc::clone(&opts), start));
+    }
     let duration = cli.duration.map(Duration::from_secs_f64);
     let deadline = duration.map(|duration| start + duration);
     let mut tasks = tokio::task::JoinSet::new();
+    let mut all_stats = Vec::with_capacity(conns.len());
     for conn in conns {
-        tasks.spawn(run_load(conn, Arc::clone(&opts), deadline));
+        let stats = Arc::new(Mutex::new(ClientStats::new()?));
+        all_stats.push(Arc::clone(&stats));
+        tasks.spawn(run_load(conn, Arc::clone(&opts), deadline, stats));
     }
-    let mut latency_ns = Histogram::<u64>::new(3)?;
-    let (mut completed, mut errors, mut end) = (0, 0, start);
-    let joined = async {
-        while let Some(result) = tasks.join_next().await {
-            let stats = result??;
-            latency_ns.add(&stats.latency_ns)?;
-            completed += stats.completed;
-            errors += stats.errors;
-            end = end.max(stats.last_reply);
+    let interrupted = {
+        let joined = async {
+            while let Some(result) = tasks.join_next().await {
+                result??;
+            }
+            Ok::<_, BoxError>(())
+        };
+        tokio::pin!(joined);
+        let give_up = async {
+            match duration {
+                Some(duration) => tokio::time::sleep(duration + DRAIN_TIMEOUT).await,
+                None => std::future::pending().await,
+            }
+        };
+        let interrupted = tokio::select! {
+            result = &mut joined => {
+                result?;
+                false
+            }
+            () = give_up => return Err("clients did not finish: server stopped replying".into()),
+            _ = tokio::signal::ctrl_c() => true,
+        };
+        if interrupted {
+            opts.stop.store(true, Ordering::Relaxed);
+            // Replies already on their way still count; slow ones are given up.
+            let _ = tokio::time::timeout(INTERRUPT_GRACE, &mut joined).await;
         }
-        Ok::<_, BoxError>(())
+        interrupted
     };
-    match duration {
-        Some(duration) => tokio::time::timeout(duration + DRAIN_TIMEOUT, joined)
-            .await
-            .map_err(|_| "clients did not finish: server stopped replying")??,
-        None => joined.await?,
+    tasks.abort_all();
+    helpers.abort_all();
+    if progress {
+        eprint!("\r\x1b[K");
+    }
+
+    let mut latency_ns = Histogram::<u64>::new(3)?;
+    let (mut completed, mut errors, mut first_error, mut end) = (0, 0, None, start);
+    for stats in &all_stats {
+        let stats = stats.lock().expect("stats lock");
+        latency_ns.add(&stats.latency_ns)?;
+        completed += stats.completed;
+        errors += stats.errors;
+        if first_error.is_none() {
+            first_error.clone_from(&stats.first_error);
+        }
+        end = end.max(stats.last_reply);
+    }
+    if interrupted {
+        end = Instant::now();
     }
     let seconds = (end - start).as_secs_f64();
-    let cpu_seconds = match (server, cpu_before) {
+    let server_cpu_seconds = match (server, cpu_before) {
         (Some(server), Some(before)) => Some(server.cpu_seconds()? - before),
         _ => None,
     };
     let generator_cpu_seconds = process_cpu_seconds("self")? - generator_cpu_before;
+    // One last sample, so a run shorter than the interval still has one.
     let peak_rss_kib = server
-        .map(|server| server.memory_kib("VmHWM"))
+        .map(|server| {
+            server
+                .memory_kib("VmRSS")
+                .map(|rss| rss.max(peak_rss.load(Ordering::Relaxed)))
+        })
         .transpose()?;
     let per_sec = completed as f64 / seconds;
-    let micros = |quantile: f64| latency_ns.value_at_quantile(quantile) as f64 / 1000.0;
-    let (p50, p99, max) = (micros(0.5), micros(0.99), latency_ns.max() as f64 / 1000.0);
+    let ok = completed - errors;
+    let micros =
+        |quantile: f64| (ok > 0).then(|| latency_ns.value_at_quantile(quantile) as f64 / 1000.0);
+    let (p50, p90, p99, p999) = (micros(0.5), micros(0.9), micros(0.99), micros(0.999));
+    let max = (ok > 0).then(|| latency_ns.max() as f64 / 1000.0);
     let json = serde_json::json!({
+        "settings": settings(cli, targets, &opts),
         "commands": completed,
+        "ok": ok,
+        "errors": errors,
+        "first_error": first_error,
+        "interrupted": interrupted,
         "seconds": seconds,
         "commands_per_sec": per_sec,
         "p50_us": p50,
+        "p90_us": p90,
         "p99_us": p99,
+        "p99_9_us": p999,
         "max_us": max,
-        "errors": errors,
-        "cpu_seconds": cpu_seconds,
+        "server_cpu_seconds": server_cpu_seconds,
         "generator_cpu_seconds": generator_cpu_seconds,
-        "peak_rss_kib": peak_rss_kib,
+        "server_peak_rss_kib": peak_rss_kib,
         "clients": cli.clients,
         "depth": opts.depth,
     });
+    let us = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.1} us"));
     let mut line = format!(
         "{} clients x depth {}: {completed} cmds in {seconds:.2} s = {per_sec:.0} cmds/s; \
-         latency p50 {p50:.1} us, p99 {p99:.1} us, max {max:.1} us; {errors} errors",
-        cli.clients, opts.depth
+         latency of the {ok} ok: p50 {}, p90 {}, p99 {}, p99.9 {}, max {}; {errors} errors",
+        cli.clients,
+        opts.depth,
+        us(p50),
+        us(p90),
+        us(p99),
+        us(p999),
+        us(max),
     );
     write!(
         line,
         "; generator cpu {generator_cpu_seconds:.2} s ({:.2} cores)",
         generator_cpu_seconds / seconds
     )?;
-    if let (Some(cpu), Some(rss)) = (cpu_seconds, peak_rss_kib) {
+    if let (Some(cpu), Some(rss)) = (server_cpu_seconds, peak_rss_kib) {
         let cores = cpu / seconds;
         write!(
             line,
-            "; server cpu {cpu:.2} s ({cores:.2} cores, {:.1} us/cmd), peak RSS {rss} KiB",
-            cpu * 1e6 / completed as f64
+            "; server cpu {cpu:.2} s ({cores:.2} cores, {:.1} us/cmd), \
+             server peak RSS this run {rss} KiB",
+            cpu * 1e6 / completed.max(1) as f64
         )?;
     }
-    Ok((json, line))
+    if interrupted {
+        line.push_str(" (interrupted)");
+    }
+    Ok(Outcome {
+        json,
+        line,
+        errors: (errors > 0).then(|| (errors, first_error.unwrap_or_default())),
+        interrupted,
+    })
 }
 
 /// Memory run: RSS growth of the server per idle, negotiated client.
@@ -490,7 +743,7 @@ async fn measure_idle(
     targets: &[Target],
     opts: Arc<Options>,
     server: &Server,
-) -> Result<(serde_json::Value, String), BoxError> {
+) -> Result<Outcome, BoxError> {
     let before = server.memory_kib("VmRSS")?;
     let conns = open_clients(clients, targets, &opts).await?;
     // Let the server finish whatever per-connection setup follows the negotiation reply.
@@ -507,7 +760,7 @@ async fn measure_idle(
     let line = format!(
         "{clients} idle clients: server RSS {before} -> {after} KiB = {per_client:.2} KiB per client"
     );
-    Ok((json, line))
+    Ok(Outcome::of(json, line))
 }
 
 /// How often the server's RSS is sampled while waiting for it to settle.
@@ -573,7 +826,7 @@ async fn measure_held(
     targets: &[Target],
     opts: Arc<Options>,
     server: &Server,
-) -> Result<(serde_json::Value, String), BoxError> {
+) -> Result<Outcome, BoxError> {
     let conns = open_clients(clients, targets, &opts).await?;
     let before = settled_rss_kib(server).await?;
     let early_replies = Arc::new(AtomicU64::new(0));
@@ -606,7 +859,7 @@ async fn measure_held(
          = {per_command:.3} KiB per command; {early_replies} early replies",
         opts.depth
     );
-    Ok((json, line))
+    Ok(Outcome::of(json, line))
 }
 
 /// Serialises `command` up to the point where `"id":N}` is appended, rejecting a given id.
@@ -625,7 +878,7 @@ fn request_prefix(command: &str) -> Result<Vec<u8>, BoxError> {
     Ok(prefix)
 }
 
-async fn run(cli: Cli) -> Result<(), BoxError> {
+async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
     let targets: Vec<Target> = match &cli.tcp {
         Some(addr) => vec![Target::Tcp(addr.clone())],
         None if cli.unix.is_empty() => return Err("give --unix PATH or --tcp HOST:PORT".into()),
@@ -637,7 +890,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
         .filter(|cap| !cap.is_empty())
         .map(String::from)
         .collect();
-    let mut depth = cli.depth.max(1);
+    let mut depth = cli.depth;
     if caps.is_empty() && !cli.no_greeting && depth > 1 && !cli.pipeline_legacy {
         eprintln!(
             "qmp-bench: legacy client (no capabilities): depth held to 1 (see --pipeline-legacy)"
@@ -651,6 +904,9 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
         request_prefix: request_prefix(&cli.command)?,
         count: cli.count,
         issued: AtomicU64::new(0),
+        replies: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
     });
     let server = match (&cli.spawn, cli.pid) {
         (Some(command), _) => Some(Server::spawn(command, &targets).await?),
@@ -668,16 +924,27 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     if let Some(server) = server {
         server.stop().await;
     }
-    let (json, line) = result?;
+    let outcome = result?;
     if cli.json {
-        println!("{json}");
+        println!("{}", outcome.json);
     } else {
-        println!("{line}");
+        println!("{}", outcome.line);
     }
-    Ok(())
+    if let Some((errors, first)) = &outcome.errors {
+        eprintln!(
+            "qmp-bench: FAILED: {errors} commands answered with an error (not in the latency \
+             figures); the first: {first}"
+        );
+        return Ok(ExitCode::from(EXIT_ERRORS));
+    }
+    if outcome.interrupted {
+        eprintln!("qmp-bench: interrupted; the results above are partial");
+        return Ok(ExitCode::from(EXIT_INTERRUPTED));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
-fn main() {
+fn main() -> ExitCode {
     let mut cli = Cli::parse();
     if cli.duration.is_none() && cli.count.is_none() {
         cli.duration = Some(5.0);
@@ -690,8 +957,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("cannot start the tokio runtime");
-    if let Err(err) = runtime.block_on(run(cli)) {
-        eprintln!("qmp-bench: {err}");
-        std::process::exit(1);
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("qmp-bench: {err}");
+            ExitCode::from(EXIT_ERRORS)
+        }
     }
 }

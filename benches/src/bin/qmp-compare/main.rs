@@ -4,9 +4,9 @@
 //! scenario runs each target `--rounds` times, alternating targets (a different one first
 //! each round), on a freshly started server per measurement; the median is reported. The
 //! load itself is `qmp-bench`, run as a child process with `--pid` so it samples the
-//! server's CPU time and memory. At the end a table of ratios is printed and, unless
-//! `--no-docs`, `docs/performance.svg` is written and the generated block of
-//! `docs/performance.md` replaced.
+//! server's CPU time and memory. At the end a table of ratios is printed and written with its
+//! chart to `target/qmp-compare/` (`--out`); only with `--update-docs` are
+//! `docs/performance.svg` and the generated block of `docs/performance.md` replaced.
 
 mod svg;
 
@@ -70,11 +70,18 @@ struct Cli {
     /// sweep, idle, held.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Directory for docs/performance.svg and docs/performance.md.
+    /// Directory for the chart (performance.svg) and table (performance-table.md) of a run.
+    #[arg(long, default_value = "target/qmp-compare")]
+    out: PathBuf,
+    /// Also replace docs/performance.svg and the generated block of docs/performance.md
+    /// (in `--docs`).
+    #[arg(long)]
+    update_docs: bool,
+    /// The directory `--update-docs` writes to.
     #[arg(long, default_value = "docs")]
     docs: PathBuf,
-    /// Do not write the chart or touch docs/performance.md.
-    #[arg(long)]
+    /// What the default is now; accepted so that older command lines still run.
+    #[arg(long, hide = true, conflicts_with = "update_docs")]
     no_docs: bool,
     /// Every measurement as JSON lines.
     #[arg(long, default_value = "target/qmp-compare/results.jsonl")]
@@ -389,7 +396,7 @@ impl Runner {
                         runs.iter()
                             .filter_map(|run| {
                                 Some(
-                                    run["cpu_seconds"].as_f64()? * 1e6
+                                    run["server_cpu_seconds"].as_f64()? * 1e6
                                         / run["commands"].as_f64()?.max(1.0),
                                 )
                             })
@@ -802,6 +809,21 @@ fn run(cli: Cli) -> Result<(), BoxError> {
     } else {
         Vec::new()
     };
+    eprintln!(
+        "qmp-compare: {} scenarios{} on {}; every measurement goes to {}",
+        main_scenarios.len(),
+        if sweep.is_empty() {
+            ""
+        } else {
+            " and the client sweep"
+        },
+        targets
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        cli.results.display()
+    );
     let mut runner = Runner {
         cli,
         work_dir,
@@ -824,9 +846,6 @@ fn run(cli: Cli) -> Result<(), BoxError> {
     let table = report(&main_scenarios, &main_results);
     println!("{table}");
     println!("Run took {elapsed:.0} s.");
-    if runner.cli.no_docs {
-        return Ok(());
-    }
 
     let names: Vec<&str> = targets.iter().map(|target| target.name()).collect();
     let throughput: Vec<svg::Series<'_>> = targets
@@ -862,9 +881,9 @@ fn run(cli: Cli) -> Result<(), BoxError> {
         &SWEEP_CLIENTS,
         &latency,
     );
-    std::fs::create_dir_all(&runner.cli.docs)?;
-    let svg_path = runner.cli.docs.join("performance.svg");
-    std::fs::write(&svg_path, chart)?;
+    std::fs::create_dir_all(&runner.cli.out)?;
+    let svg_path = runner.cli.out.join("performance.svg");
+    std::fs::write(&svg_path, &chart)?;
     let block = format!(
         "Produced by `scripts/bench-compare{}` in {elapsed:.0} s on {}.\n\n{table}\n",
         if invocation.is_empty() {
@@ -874,9 +893,18 @@ fn run(cli: Cli) -> Result<(), BoxError> {
         },
         machine_note(&runner.cli),
     );
+    let table_path = runner.cli.out.join("performance-table.md");
+    std::fs::write(&table_path, &block)?;
+    eprintln!("wrote {} and {}", svg_path.display(), table_path.display());
+    if !runner.cli.update_docs {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&runner.cli.docs)?;
+    let svg_path = runner.cli.docs.join("performance.svg");
+    std::fs::write(&svg_path, chart)?;
     update_doc(&runner.cli.docs.join("performance.md"), &block)?;
     eprintln!(
-        "wrote {} and the table in {}",
+        "updated {} and the table in {}",
         svg_path.display(),
         runner.cli.docs.join("performance.md").display()
     );
