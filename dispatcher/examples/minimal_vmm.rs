@@ -24,16 +24,12 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use qmp_dispatcher::{Command, Events, NoArgs, QmpError, QmpReturn, Registry, Server, bind_unix};
 use serde::{Deserialize, Serialize};
-
-/// QEMU's result for commands that return nothing: `{}` (a `()` result would be `null`).
-#[derive(Serialize)]
-struct Empty {}
 
 #[derive(Serialize)]
 struct StatusInfo {
@@ -54,19 +50,17 @@ struct ScreendumpArgs {
 }
 
 /// The VM state the commands act on.
-#[derive(Default)]
 struct Vm {
     running: AtomicBool,
-    /// Set once the server exists; handlers emit events through it.
-    events: OnceLock<Events>,
+    /// The server's event handle, made before the server (see `main`).
+    events: Events,
 }
 
 impl Vm {
     fn set_running(&self, running: bool) {
         self.running.store(running, Ordering::SeqCst);
-        if let Some(events) = self.events.get() {
-            events.emit(if running { "RESUME" } else { "STOP" }, None);
-        }
+        self.events
+            .emit(if running { "RESUME" } else { "STOP" }, None);
     }
 }
 
@@ -84,19 +78,21 @@ fn registry(vm: &Arc<Vm>) -> Registry {
         .and_then(|b| {
             b.add(Command::sync("stop", move |_: NoArgs| {
                 stop_vm.set_running(false);
-                Ok(Empty {})
+                // `Ok(())` is answered `{}`, QEMU's reply for commands without a value
+                // (handler results go through `QmpReturn::reply`; `ret.ok(&())` sends `null`).
+                Ok(())
             }))
         })
         .and_then(|b| {
             b.add(Command::sync("cont", move |_: NoArgs| {
                 cont_vm.set_running(true);
-                Ok(Empty {})
+                Ok(())
             }))
         })
         .and_then(|b| {
             b.add(Command::async_fn("x-sleep", |args: SleepArgs| async move {
                 tokio::time::sleep(Duration::from_secs(args.seconds)).await;
-                Ok(Empty {})
+                Ok(())
             }))
         })
         .and_then(|b| b.add(Command::deferred("screendump", screendump)))
@@ -105,7 +101,8 @@ fn registry(vm: &Arc<Vm>) -> Registry {
 }
 
 /// Validates at once (a failure to start is an immediate error reply), then writes the file
-/// on a blocking thread and answers from there.
+/// on tokio's blocking pool (tracked by the server, so shutdown waits for it) and answers
+/// from there.
 fn screendump(args: ScreendumpArgs, ret: QmpReturn) {
     let file = match std::fs::File::create(&args.filename) {
         Ok(file) => file,
@@ -114,15 +111,14 @@ fn screendump(args: ScreendumpArgs, ret: QmpReturn) {
             return ret.err(QmpError::generic(desc));
         }
     };
-    let cancel = ret.cancellation_token();
-    std::thread::spawn(move || {
+    ret.spawn_blocking(move |ret| {
         let (width, height) = (64usize, 48usize);
         let mut out = std::io::BufWriter::new(file);
         let mut result = write!(out, "P6\n{width} {height}\n255\n");
         for row in 0..height {
             // A slow device: one row every 50 ms, checking for cancellation between rows.
             std::thread::sleep(Duration::from_millis(50));
-            if cancel.is_cancelled() {
+            if ret.is_cancelled() {
                 drop(out);
                 let _ = std::fs::remove_file(&args.filename);
                 return; // The client has its reply already; a reply now would be discarded.
@@ -131,7 +127,7 @@ fn screendump(args: ScreendumpArgs, ret: QmpReturn) {
             result = result.and_then(|()| out.write_all(&[shade, 0, 255 - shade].repeat(width)));
         }
         match result.and_then(|()| out.flush()) {
-            Ok(()) => ret.ok(&Empty {}),
+            Ok(()) => ret.reply(Ok(())),
             Err(e) => ret.err(QmpError::generic(format!("Write failed: {e}"))),
         }
     });
@@ -147,16 +143,21 @@ async fn main() -> std::io::Result<()> {
         std::process::exit(2);
     };
 
-    let vm = Arc::new(Vm::default());
-    vm.running.store(true, Ordering::SeqCst);
-    let server = Server::builder(registry(&vm)).build();
-    let _ = vm.events.set(server.events().clone());
+    // The handlers emit events, and exist before the server: make the handle first and
+    // give it to the builder.
+    let vm = Arc::new(Vm {
+        running: AtomicBool::new(true),
+        events: Events::new(),
+    });
+    let server = Server::builder(registry(&vm))
+        .events(vm.events.clone())
+        .build();
 
     let listener = bind_unix(&path, 0o600)?;
     eprintln!("QMP on {}; Ctrl-C to stop", path.display());
     let accept = tokio::spawn({
         let server = server.clone();
-        async move { server.serve_unix(listener).await }
+        async move { server.serve(listener).await }
     });
 
     tokio::signal::ctrl_c().await?;

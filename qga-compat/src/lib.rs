@@ -4,7 +4,8 @@
 //! Unix socket, a virtio-serial port or a serial line; hosts (libvirt, `qmp-shell -N`) see
 //! qemu-ga: no greeting, no negotiation, one command at a time, replies ending in `"\n"`,
 //! `guest-sync-delimited` replies preceded by 0xFF, and a parser whose state survives
-//! reconnects. See `docs/qga.md`.
+//! reconnects. The [`guide`] covers embedding, the wire differences from QMP and the
+//! deviations from qemu-ga.
 //!
 //! ```no_run
 //! use qmp_dispatcher::{Command, NoArgs};
@@ -23,9 +24,10 @@
 //! # }
 //! ```
 //!
-//! # Layout
-//! - [`agent`]: the builder, block/allow/frozen filters and the serve methods.
-//! - `commands`: `guest-sync`, `guest-sync-delimited`, `guest-ping`, `guest-info`.
+//! # Modules
+//! - [`agent`]: the builder (which registers qemu-ga's built-ins `guest-sync`,
+//!   `guest-sync-delimited`, `guest-ping` and `guest-info`), block/allow/frozen filters and
+//!   the serve methods.
 //! - [`codec`]: qemu-ga's framing around the dispatcher's codec; its state is handed from
 //!   client to client.
 //! - [`serial`]: character devices with no connect or disconnect.
@@ -34,6 +36,10 @@ pub mod agent;
 pub mod codec;
 mod commands;
 pub mod serial;
+
+/// The guest agent guide (`docs/qga.md`); its Rust snippets are compiled as doctests.
+#[doc = include_str!("../docs/qga.md")]
+pub mod guide {}
 
 pub use agent::{
     BuildError, FROZEN_ALLOWED, FROZEN_REASON, GuestAgent, GuestAgentBuilder, NOT_ALLOWED_REASON,
