@@ -127,10 +127,7 @@ pub mod guide {
     #[doc = include_str!("../docs/embedding.md")]
     pub mod embedding {}
 
-    // Doctests off: protocol.md's unlabelled code fences are JSON transcripts, which
-    // rustdoc would take for Rust. Labelled `text`, this can be a plain `#[doc = ...]`;
-    // qmp-tests' doc_snippets test asks for that then.
-    #[cfg_attr(not(doctest), doc = include_str!("../docs/protocol.md"))]
+    #[doc = include_str!("../docs/protocol.md")]
     pub mod protocol {}
 
     #[doc = include_str!("../docs/design.md")]

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qmp_dispatcher::config::qemu_throttles;
+use qmp_dispatcher::wire::Limits;
 use qmp_dispatcher::{Events, RegisterError, Registry, Server, VersionInfo};
 
 use crate::display::TestPattern;
@@ -24,6 +25,10 @@ pub struct DemoOptions {
     pub max_in_flight: usize,
     /// Clients at once, per server.
     pub max_clients: usize,
+    /// Bytes of one request (the dispatcher's `limits.max_bytes`).
+    pub max_bytes: usize,
+    /// Bytes all clients together may hold in buffers and ids.
+    pub max_memory: usize,
     /// Framebuffer size.
     pub display_size: (u32, u32),
     /// Blocking steps `screendump` runs at once (see `Screendump::new`).
@@ -38,6 +43,8 @@ impl Default for DemoOptions {
         DemoOptions {
             max_in_flight: qmp_dispatcher::config::DEFAULT_MAX_IN_FLIGHT,
             max_clients: qmp_dispatcher::config::DEFAULT_MAX_CLIENTS,
+            max_bytes: qmp_dispatcher::wire::Limits::default().max_bytes,
+            max_memory: qmp_dispatcher::config::DEFAULT_MAX_MEMORY,
             display_size: (1920, 1080),
             screendump_max_blocking: DEFAULT_SCREENDUMP_MAX_BLOCKING,
             screendump_chunk_delay: Duration::ZERO,
@@ -93,6 +100,11 @@ pub fn build(
         ))
         .max_in_flight(options.max_in_flight)
         .max_clients(options.max_clients)
+        .limits(Limits {
+            max_bytes: options.max_bytes,
+            ..Limits::default()
+        })
+        .max_memory(options.max_memory)
         .events(events)
         .build();
     Ok(Demo { server, run_state })

@@ -329,3 +329,38 @@ fn the_start_message_names_every_listener() {
         "{banner}"
     );
 }
+
+#[test]
+fn max_bytes_limits_one_request() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = scratch();
+    let path = dir.path().join("qmp.sock");
+    let _demo = Running::start(&["--qmp", &unix(&path), "--max-bytes", "1000"], &path);
+    let stream = UnixStream::connect(&path).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("{\"QMP\""), "{line}");
+    let big = "x".repeat(2000);
+    write!(
+        writer,
+        r#"{{"execute":"qmp_capabilities"}}{{"execute":"query-status","id":"{big}"}}{{"execute":"query-status","id":2}}"#
+    )
+    .unwrap();
+    let mut replies = Vec::new();
+    for _ in 0..3 {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        replies.push(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+    }
+    assert_eq!(replies[0], serde_json::json!({"return": {}}));
+    assert_eq!(
+        replies[1]["error"]["desc"], "JSON token size limit exceeded",
+        "{replies:?}"
+    );
+    assert_eq!(replies[2]["id"], 2, "the connection survives: {replies:?}");
+}

@@ -34,6 +34,13 @@ struct Cli {
     /// Clients connected at once.
     #[arg(long, default_value_t = qmp_dispatcher::config::DEFAULT_MAX_CLIENTS)]
     max_clients: usize,
+    /// Bytes of one request; larger ones are refused with QEMU's size-limit error.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
+    max_bytes: usize,
+    /// Bytes all clients together may hold in buffers and request ids before the server
+    /// stops reading from the clients that hold the most.
+    #[arg(long, value_name = "BYTES", default_value_t = qmp_dispatcher::config::DEFAULT_MAX_MEMORY)]
+    max_memory: usize,
     /// Permissions of the Unix sockets (octal, at most 777).
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
@@ -173,6 +180,8 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let options = DemoOptions {
         max_in_flight: cli.max_in_flight,
         max_clients: cli.max_clients,
+        max_bytes: cli.max_bytes,
+        max_memory: cli.max_memory,
         screendump_chunk_delay: std::time::Duration::from_millis(cli.screendump_chunk_delay_ms),
         ..DemoOptions::default()
     };
