@@ -311,7 +311,7 @@ impl Session {
         };
         let cancel = self.cancel.child_token();
         let ticket = self.in_flight.insert(NewEntry {
-            id: request.id,
+            id: request.id.map(crate::wire::json::Id::into_text),
             id_key,
             command: Arc::clone(&command.name),
             cancel: cancel.clone(),

@@ -1,10 +1,9 @@
 //! The request envelope: `{"execute" | "exec-oob": NAME, "arguments": {...}, "id": ANY}`,
 //! validated in QEMU's order with QEMU's texts.
 
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::json::ParsedValue;
+use super::json::{Id, ParsedValue};
 use super::qdict;
 use crate::error::QmpError;
 
@@ -17,8 +16,8 @@ pub struct Request {
     pub oob: bool,
     /// The arguments; `{}` when the member was absent.
     pub arguments: Map<String, Value>,
-    /// The raw `id`, echoed verbatim in the reply.
-    pub id: Option<Box<RawValue>>,
+    /// The `id`: its text is echoed in the reply, its key compares ids.
+    pub id: Option<Id>,
     /// The parsed `id`, used to compare ids (`1.0` and `1.00` are the same id).
     pub id_value: Option<Value>,
 }
@@ -26,8 +25,8 @@ pub struct Request {
 /// A request rejected before dispatch. `id` is set once the input was known to be an object.
 #[derive(Debug)]
 pub struct RequestError {
-    /// The raw `id` to echo, if any.
-    pub id: Option<Box<RawValue>>,
+    /// The `id` to echo, if any.
+    pub id: Option<Id>,
     /// What is wrong.
     pub error: QmpError,
 }
@@ -151,13 +150,14 @@ fn envelope_is_valid(map: &Map<String, Value>, oob_enabled: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::json::{Frame, JsonDecoder};
 
     fn parsed(text: &str) -> ParsedValue {
-        let value: Value = serde_json::from_str(text).unwrap();
-        let id = value
-            .get("id")
-            .map(|id| RawValue::from_string(id.to_string()).unwrap());
-        ParsedValue { value, id }
+        let mut buf = bytes::BytesMut::from(text);
+        match JsonDecoder::default().decode_eof(&mut buf) {
+            Some(Frame::Value(parsed)) => parsed,
+            other => panic!("{text}: {other:?}"),
+        }
     }
 
     fn desc(text: &str, oob: bool) -> String {

@@ -829,3 +829,38 @@ fn whole_buffer_matches_byte_at_a_time() {
     }
     assert!(values > 10_000, "only {values} values");
 }
+
+/// The `id` of a number too big for a double keeps its own spelling in the echo text.
+#[test]
+fn id_echo_keeps_overflowing_numbers() {
+    assert_eq!(
+        id_of(br#"{"execute":"x","id":1e400}"#).as_deref(),
+        Some("1e400")
+    );
+    assert_eq!(id_of(br#"{"id":-1E999999}"#).as_deref(), Some("-1E999999"));
+    assert_eq!(
+        id_of(br#"{"id":[1e400, {"b": 2e400}]}"#).as_deref(),
+        Some(r#"[1e400,{"b":2e400}]"#)
+    );
+    let digits = "9".repeat(100_000);
+    let input = format!(r#"{{"execute":"x","id":{digits}}}"#);
+    assert_eq!(id_of(input.as_bytes()), Some(digits));
+}
+
+/// Ids nest as deep as QEMU allows (serde_json's own parser stops at 128).
+#[test]
+fn id_echo_of_deep_nesting() {
+    for depth in [200, 1023] {
+        let text = format!(
+            "{}0{}",
+            "[{\"a\":".repeat(depth / 2),
+            "}]".repeat(depth / 2)
+        );
+        let input = format!(r#"{{"execute":"x","id": {text}}}"#);
+        assert_eq!(
+            id_of(input.as_bytes()).as_deref(),
+            Some(&text[..]),
+            "{depth}"
+        );
+    }
+}
