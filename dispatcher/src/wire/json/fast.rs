@@ -24,7 +24,7 @@ struct Live<'a> {
 }
 
 impl<'a> Source<'a> for Live<'a> {
-    #[inline]
+    #[inline(always)]
     fn next(&mut self) -> (u8, &'a [u8]) {
         loop {
             let start = self.pos;
@@ -32,16 +32,23 @@ impl<'a> Source<'a> for Live<'a> {
                 return (T_END, &[]);
             };
             self.pos = end;
+            self.tokens += 1;
             match kind {
-                T_SKIP => continue,
-                T_LCURLY | T_LSQUARE => self.depth += 1,
+                T_SKIP => {
+                    self.tokens -= 1;
+                    continue;
+                }
+                T_LCURLY | T_LSQUARE => {
+                    // Only an opening bracket can make the value too deep; the byte limit
+                    // is the slice's end, the token count is checked once at the end.
+                    self.depth += 1;
+                    if self.limits.exceeded(end, 0, self.depth).is_some() {
+                        return (T_END, &[]);
+                    }
+                }
                 T_RCURLY | T_RSQUARE => self.depth -= 1,
                 _ => {}
             }
-            if self.limits.exceeded(end, self.tokens, self.depth).is_some() {
-                return (T_END, &[]);
-            }
-            self.tokens += 1;
             return (kind, &self.src[start..end]);
         }
     }
@@ -75,5 +82,9 @@ pub(super) fn decode(
         depth: 0,
     };
     let parsed = grammar::parse(&mut live, stack).ok()?;
+    // The count before the last token, as the streaming path checks it.
+    if limits.exceeded(live.pos, live.tokens - 1, 0).is_some() {
+        return None;
+    }
     Some((parsed, start + live.pos))
 }

@@ -14,10 +14,10 @@ use serde_json::{Map, Number, Value};
 use super::ParsedValue;
 use super::id::IdBuilder;
 use super::scanner::{
-    T_COLON, T_COMMA, T_END, T_FLOAT, T_INT, T_KW, T_LCURLY, T_LSQUARE, T_RCURLY, T_RSQUARE, T_STR,
-    Token,
+    T_COLON, T_COMMA, T_END, T_FLOAT, T_INT, T_KW, T_LCURLY, T_LSQUARE, T_PLAIN_STR, T_RCURLY,
+    T_RSQUARE, T_STR, Token,
 };
-use super::strings::decode_string;
+use super::strings::{decode_plain, decode_string};
 
 const PREMATURE: &str = "JSON parse error, premature EOI";
 
@@ -44,7 +44,7 @@ impl<'a> Recorded<'a> {
 }
 
 impl<'a> Source<'a> for Recorded<'a> {
-    #[inline]
+    #[inline(always)]
     fn next(&mut self) -> (u8, &'a [u8]) {
         match self.tokens.next() {
             Some(t) => (t.kind, &self.src[t.start as usize..t.end as usize]),
@@ -142,8 +142,9 @@ fn run<'a>(tokens: &mut impl Source<'a>, stack: &mut Vec<Open>) -> Result<Parsed
                     continue 'value;
                 }
             }
-            kind @ (T_STR | T_INT | T_FLOAT | T_KW) => {
+            kind @ (T_PLAIN_STR | T_STR | T_INT | T_FLOAT | T_KW) => {
                 let (value, number) = match kind {
+                    T_PLAIN_STR => (Value::String(decode_plain(tok.1)), None),
                     T_STR => (Value::String(decode_string(tok.1)?), None),
                     T_KW => (keyword(tok.1)?, None),
                     _ => (number(tok.1, kind == T_INT), Some(tok.1)),

@@ -195,6 +195,8 @@ impl Writer {
     }
 
     fn string(&mut self, s: &str) {
+        // Exact when nothing needs escaping, so a string id is allocated once.
+        self.out.reserve(s.len() + 2);
         serde_json::to_writer(&mut self.out, s).expect("writing to a Vec cannot fail");
     }
 
@@ -204,9 +206,7 @@ impl Writer {
         self.separate();
         match (value, number) {
             (Value::String(s), _) => self.string(s),
-            (Value::Number(n), _) if self.mode == Mode::Key => {
-                serde_json::to_writer(&mut self.out, n).expect("writing to a Vec cannot fail");
-            }
+            (Value::Number(n), _) if self.mode == Mode::Key => write_number(&mut self.out, n),
             (_, Some(spelling)) => self.out.extend_from_slice(spelling),
             (value, None) => {
                 serde_json::to_writer(&mut self.out, value).expect("a scalar serializes");
@@ -251,6 +251,11 @@ impl Writer {
     }
 }
 
+/// A number in the key: as `serde_json` writes it.
+fn write_number(out: &mut impl std::io::Write, n: &serde_json::Number) {
+    serde_json::to_writer(out, n).expect("a number fits the buffer");
+}
+
 /// Builds an [`Id`] from the events of the grammar while it parses the id's value.
 pub(super) struct IdBuilder {
     echo: Writer,
@@ -284,7 +289,18 @@ impl IdBuilder {
 
     /// A scalar value; `number` is the token's text when it is a number.
     pub(super) fn scalar(&mut self, value: &Value, number: Option<&[u8]>) {
-        self.writers(number.is_some())
+        let may_differ = match (value, number) {
+            // The id is this number: its key is its text unless that is not canonical.
+            (Value::Number(n), Some(spelling)) if self.echo.out.is_empty() => {
+                let mut canonical = [0u8; 40];
+                let mut rest = &mut canonical[..];
+                write_number(&mut rest, n);
+                let len = 40 - rest.len();
+                canonical[..len] != *spelling
+            }
+            _ => number.is_some(),
+        };
+        self.writers(may_differ)
             .for_each(|w| w.scalar(value, number));
     }
 

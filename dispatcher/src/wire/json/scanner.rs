@@ -10,10 +10,11 @@ use super::strings::plain_len;
 // Lexer states. `ERR` doubles as "lexical error" when a transition yields it.
 const ERR: u8 = 0;
 pub(super) const RECOVERY: u8 = 1;
-const DQ_ESC: u8 = 2;
-const DQ: u8 = 3;
-const SQ_ESC: u8 = 4;
-const SQ: u8 = 5;
+// The two string-body states are adjacent, so testing for either is one comparison.
+const DQ: u8 = 2;
+const SQ: u8 = 3;
+const DQ_ESC: u8 = 4;
+const SQ_ESC: u8 = 5;
 const ZERO: u8 = 6;
 const EXP_DIGITS: u8 = 7;
 const EXP_SIGN: u8 = 8;
@@ -43,6 +44,9 @@ pub(super) const T_STR: u8 = 41;
 pub(super) const T_SKIP: u8 = 42;
 /// Not produced by the table: the end of a value's tokens.
 pub(super) const T_END: u8 = 43;
+/// A `T_STR` whose body is all printable ASCII without `"` or `\\`, so it is its own
+/// value; found when the string is lexed in one go from its opening quote.
+pub(super) const T_PLAIN_STR: u8 = 44;
 /// The byte ends the current token but is not part of it; it is examined again.
 const LA: u8 = 0x80;
 
@@ -162,8 +166,33 @@ pub(super) enum Lexed {
 /// run of whitespace or skipped garbage as `T_SKIP`), a lexical error, or `stop`.
 #[inline(always)]
 pub(super) fn lex(mut state: u8, src: &[u8], mut i: usize, stop: usize) -> Lexed {
+    if state == START && i < stop {
+        // The first step by hand: most tokens are one byte of punctuation, and most strings
+        // are plain (no transition out of `START` looks ahead).
+        let next = TABLE[START as usize][src[i] as usize];
+        if next >= TOKEN {
+            return Lexed::Token {
+                kind: next,
+                end: i + 1,
+            };
+        }
+        if next == ERR {
+            return Lexed::Error { at: i };
+        }
+        state = next;
+        i += 1;
+        if state == DQ {
+            i += plain_len(&src[i..stop]);
+            if i < stop && src[i] == b'"' {
+                return Lexed::Token {
+                    kind: T_PLAIN_STR,
+                    end: i + 1,
+                };
+            }
+        }
+    }
     while i < stop {
-        if state == DQ || state == SQ {
+        if state.wrapping_sub(DQ) <= SQ - DQ {
             // Through the body of a string: plain ASCII a word at a time, then byte by byte.
             if state == DQ {
                 i += plain_len(&src[i..stop]);

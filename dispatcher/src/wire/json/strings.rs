@@ -60,15 +60,20 @@ fn hex4(tok: &[u8], at: usize) -> i64 {
     cp
 }
 
+/// The value of a string token (with its quotes) whose body is plain: the body itself.
+pub(super) fn decode_plain(tok: &[u8]) -> String {
+    let body = &tok[1..tok.len().saturating_sub(1).max(1)];
+    // Plain bodies are ASCII.
+    String::from_utf8(body.to_vec()).unwrap_or_default()
+}
+
 /// Decodes a lexically valid string token (with its quotes) into its value, with QEMU's
 /// escape rules and error texts.
 pub(super) fn decode_string(tok: &[u8]) -> Result<String, String> {
     let body = &tok[1..tok.len().saturating_sub(1).max(1)];
     // Common case: plain ASCII without escapes is its own value.
     if plain_len(body) == body.len() {
-        if let Ok(s) = String::from_utf8(body.to_vec()) {
-            return Ok(s);
-        }
+        return Ok(decode_plain(tok));
     }
     let quote = tok[0];
     let mut out = String::with_capacity(body.len());

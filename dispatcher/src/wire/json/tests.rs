@@ -864,3 +864,24 @@ fn id_echo_of_deep_nesting() {
         );
     }
 }
+
+#[test]
+#[ignore]
+fn icount() {
+    let which = std::env::var("ICOUNT").unwrap_or_default();
+    let req: &[u8] = match which.as_str() {
+        "args" => br#"{"execute":"device_add","arguments":{"driver":"virtio-net-pci","id":"net0","bus":"pci.0","addr":"0x5","mac":"52:54:00:12:34:56","vectors":4,"disable-legacy":true},"id":"__qmp#00002"}"#,
+        "noid" => br#"{"execute":"query-status","arguments":{"a":"__qmp#00001"}}"#,
+        "num" => br#"{"execute":"query-status","id":12345}"#,
+        _ => br#"{"execute":"query-status","id":"__qmp#00001"}"#,
+    };
+    let n: u32 = std::env::var("ICOUNT_N")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(200_000);
+    let mut dec = JsonDecoder::default();
+    for _ in 0..n {
+        let mut buf = BytesMut::from(std::hint::black_box(req));
+        std::hint::black_box(dec.decode(&mut buf));
+    }
+}
