@@ -80,6 +80,16 @@ fn number(text: &[u8], integer: bool) -> Value {
         .map_or(Value::Null, Value::Number)
 }
 
+/// The value of a string token.
+#[inline]
+fn string((kind, text): (u8, &[u8])) -> Result<String, String> {
+    if kind == T_PLAIN_STR {
+        Ok(decode_plain(text))
+    } else {
+        decode_string(text)
+    }
+}
+
 fn keyword(text: &[u8]) -> Result<Value, String> {
     match text {
         b"true" => Ok(Value::Bool(true)),
@@ -110,16 +120,32 @@ fn run<'a>(tokens: &mut impl Source<'a>, stack: &mut Vec<Open>) -> Result<Parsed
     let mut id = None;
     let mut tok = tokens.next();
     'value: loop {
-        // A value in key position is a key, reported to the id builder as one once
-        // its colon has been read.
-        let key_position = matches!(stack.last(), Some(Open::Object(_, None)));
+        let depth = stack.len();
+        if let Some(Open::Object(_, key @ None)) = stack.last_mut() {
+            if matches!(tok.0, T_PLAIN_STR | T_STR) {
+                let k = string(tok)?;
+                match tokens.next().0 {
+                    T_COLON => {}
+                    T_END => return Err(PREMATURE.into()),
+                    _ => return Err("JSON parse error, missing : in object pair".into()),
+                }
+                if depth == 1 && k == "id" {
+                    building = Some(IdBuilder::new());
+                } else if let Some(b) = &mut building {
+                    b.key(&k);
+                }
+                *key = Some(k);
+                tok = tokens.next();
+                continue 'value;
+            }
+            // Any other key is parsed as a value and rejected once complete, so there is no
+            // id to build.
+            building = None;
+        }
         let mut value = match tok.0 {
             kind @ (T_LCURLY | T_LSQUARE) => {
                 let object = kind == T_LCURLY;
-                if key_position {
-                    // Not a string: the parse fails, so there is no id to build.
-                    building = None;
-                } else if let Some(b) = &mut building {
+                if let Some(b) = &mut building {
                     b.open(object);
                 }
                 let next = tokens.next();
@@ -143,13 +169,13 @@ fn run<'a>(tokens: &mut impl Source<'a>, stack: &mut Vec<Open>) -> Result<Parsed
                 }
             }
             kind @ (T_PLAIN_STR | T_STR | T_INT | T_FLOAT | T_KW) => {
-                let (value, number) = match kind {
-                    T_PLAIN_STR => (Value::String(decode_plain(tok.1)), None),
-                    T_STR => (Value::String(decode_string(tok.1)?), None),
-                    T_KW => (keyword(tok.1)?, None),
-                    _ => (number(tok.1, kind == T_INT), Some(tok.1)),
+                let value = match kind {
+                    T_PLAIN_STR | T_STR => Value::String(string(tok)?),
+                    T_KW => keyword(tok.1)?,
+                    _ => number(tok.1, kind == T_INT),
                 };
-                if let Some(b) = building.as_mut().filter(|_| !key_position) {
+                if let Some(b) = &mut building {
+                    let number = matches!(kind, T_INT | T_FLOAT).then_some(tok.1);
                     b.scalar(&value, number);
                 }
                 value
@@ -163,24 +189,8 @@ fn run<'a>(tokens: &mut impl Source<'a>, stack: &mut Vec<Open>) -> Result<Parsed
             match stack.last_mut() {
                 None => return Ok(ParsedValue { value, id }),
                 Some(Open::Object(map, key)) => match key.take() {
-                    None => {
-                        let Value::String(k) = value else {
-                            return Err("JSON parse error, key is not a string in object".into());
-                        };
-                        match tokens.next().0 {
-                            T_COLON => {}
-                            T_END => return Err(PREMATURE.into()),
-                            _ => return Err("JSON parse error, missing : in object pair".into()),
-                        }
-                        if depth == 1 && k == "id" {
-                            building = Some(IdBuilder::new());
-                        } else if let Some(b) = &mut building {
-                            b.key(&k);
-                        }
-                        *key = Some(k);
-                        tok = tokens.next();
-                        continue 'value;
-                    }
+                    // Strings in key position were taken as keys above.
+                    None => return Err("JSON parse error, key is not a string in object".into()),
                     Some(k) => {
                         if depth == 1 && k == "id" {
                             id = building.take().and_then(IdBuilder::finish);

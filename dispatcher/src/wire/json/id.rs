@@ -5,6 +5,8 @@ use std::fmt;
 use std::ops::Deref;
 
 use serde_json::Value;
+
+use super::strings::plain_len;
 use serde_json::value::RawValue;
 
 /// The `id` member of a request: its echo text and its canonical key.
@@ -145,7 +147,7 @@ struct Members {
 /// Writes compact JSON from a stream of events (the one writer of ids and keys).
 struct Writer {
     mode: Mode,
-    out: Vec<u8>,
+    out: String,
     /// Key mode: the objects still open.
     objects: Vec<Members>,
 }
@@ -154,21 +156,21 @@ impl Writer {
     fn new(mode: Mode) -> Writer {
         Writer {
             mode,
-            out: Vec::new(),
+            out: String::new(),
             objects: Vec::new(),
         }
     }
 
     /// A separator if a value (or member) came before at this level.
     fn separate(&mut self) {
-        if !matches!(self.out.last(), None | Some(b'[' | b'{' | b':')) {
-            self.out.push(b',');
+        if !matches!(self.out.as_bytes().last(), None | Some(b'[' | b'{' | b':')) {
+            self.out.push(',');
         }
     }
 
     fn open(&mut self, object: bool) {
         self.separate();
-        self.out.push(if object { b'{' } else { b'[' });
+        self.out.push(if object { '{' } else { '[' });
         if object && self.mode == Mode::Key {
             self.objects.push(Members {
                 body: self.out.len(),
@@ -191,13 +193,21 @@ impl Writer {
             object.members.push((key.to_owned(), self.out.len()));
         }
         self.string(key);
-        self.out.push(b':');
+        self.out.push(':');
     }
 
     fn string(&mut self, s: &str) {
         // Exact when nothing needs escaping, so a string id is allocated once.
-        self.out.reserve(s.len() + 2);
-        serde_json::to_writer(&mut self.out, s).expect("writing to a Vec cannot fail");
+        if plain_len(s.as_bytes()) == s.len() {
+            // Nothing to escape: the common case, written without `serde_json`.
+            self.out.reserve(s.len() + 2);
+            self.out.push('"');
+            self.out.push_str(s);
+            self.out.push('"');
+        } else {
+            self.out
+                .push_str(&serde_json::to_string(s).expect("a string serializes"));
+        }
     }
 
     /// A scalar; `number` is the token's own text when the value comes from a number token
@@ -206,17 +216,23 @@ impl Writer {
         self.separate();
         match (value, number) {
             (Value::String(s), _) => self.string(s),
-            (Value::Number(n), _) if self.mode == Mode::Key => write_number(&mut self.out, n),
-            (_, Some(spelling)) => self.out.extend_from_slice(spelling),
+            (Value::Number(n), _) if self.mode == Mode::Key => {
+                self.out.push_str(canonical_number(n, &mut [0; 40]));
+            }
+            // Number tokens are ASCII.
+            (_, Some(spelling)) => self
+                .out
+                .push_str(std::str::from_utf8(spelling).unwrap_or("")),
             (value, None) => {
-                serde_json::to_writer(&mut self.out, value).expect("a scalar serializes");
+                self.out
+                    .push_str(&serde_json::to_string(value).expect("a scalar serializes"));
             }
         }
     }
 
     fn close(&mut self, object: bool) {
         if !object {
-            self.out.push(b']');
+            self.out.push(']');
             return;
         }
         if let Some(object) = self.objects.pop().filter(|object| !object.sorted) {
@@ -232,28 +248,31 @@ impl Writer {
                 .map(|((key, start), end)| (key, start, end))
                 .collect();
             spans.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            let mut sorted = Vec::with_capacity(self.out.len() - body);
+            let mut sorted = String::with_capacity(self.out.len() - body);
             for (k, (_, start, end)) in spans.iter().enumerate() {
                 if k > 0 {
-                    sorted.push(b',');
+                    sorted.push(',');
                 }
-                sorted.extend_from_slice(&self.out[*start..*end]);
+                sorted.push_str(&self.out[*start..*end]);
             }
             self.out.truncate(body);
-            self.out.extend_from_slice(&sorted);
+            self.out.push_str(&sorted);
         }
-        self.out.push(b'}');
+        self.out.push('}');
     }
 
     fn into_string(self) -> String {
-        // Every piece written is UTF-8 (strings come from `str`, the rest is ASCII).
-        String::from_utf8(self.out).unwrap_or_default()
+        self.out
     }
 }
 
-/// A number in the key: as `serde_json` writes it.
-fn write_number(out: &mut impl std::io::Write, n: &serde_json::Number) {
-    serde_json::to_writer(out, n).expect("a number fits the buffer");
+/// A number in the key, as `serde_json` writes it, in `buf`.
+fn canonical_number<'b>(n: &serde_json::Number, buf: &'b mut [u8; 40]) -> &'b str {
+    let mut rest = &mut buf[..];
+    serde_json::to_writer(&mut rest, n).expect("a number fits 40 bytes");
+    let len = 40 - rest.len();
+    // serde_json writes ASCII.
+    std::str::from_utf8(&buf[..len]).unwrap_or("")
 }
 
 /// Builds an [`Id`] from the events of the grammar while it parses the id's value.
@@ -292,11 +311,7 @@ impl IdBuilder {
         let may_differ = match (value, number) {
             // The id is this number: its key is its text unless that is not canonical.
             (Value::Number(n), Some(spelling)) if self.echo.out.is_empty() => {
-                let mut canonical = [0u8; 40];
-                let mut rest = &mut canonical[..];
-                write_number(&mut rest, n);
-                let len = 40 - rest.len();
-                canonical[..len] != *spelling
+                canonical_number(n, &mut [0; 40]).as_bytes() != spelling
             }
             _ => number.is_some(),
         };

@@ -61,6 +61,7 @@ fn hex4(tok: &[u8], at: usize) -> i64 {
 }
 
 /// The value of a string token (with its quotes) whose body is plain: the body itself.
+#[inline]
 pub(super) fn decode_plain(tok: &[u8]) -> String {
     let body = &tok[1..tok.len().saturating_sub(1).max(1)];
     // Plain bodies are ASCII.
