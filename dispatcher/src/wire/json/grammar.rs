@@ -102,6 +102,18 @@ fn keyword(text: &[u8]) -> Result<Value, String> {
     }
 }
 
+/// Reads what follows a member of a container: `true` for its closing bracket `close`,
+/// `false` for a comma; anything else is the error `expected` (or premature EOI).
+#[inline]
+fn closes<'a>(tokens: &mut impl Source<'a>, close: u8, expected: &str) -> Result<bool, String> {
+    match tokens.next().0 {
+        T_COMMA => Ok(false),
+        T_END => Err(PREMATURE.into()),
+        kind if kind == close => Ok(true),
+        _ => Err(expected.into()),
+    }
+}
+
 /// Parses one value from `tokens`. `stack` is scratch space, kept by the caller so its
 /// allocation is reused.
 pub(super) fn parse<'a>(
@@ -203,14 +215,13 @@ fn run<'a>(tokens: &mut impl Source<'a>, stack: &mut Vec<Open>) -> Result<Parsed
                                 e.insert(value);
                             }
                         }
-                        match tokens.next().0 {
-                            T_RCURLY => {}
-                            T_COMMA => {
-                                tok = tokens.next();
-                                continue 'value;
-                            }
-                            T_END => return Err(PREMATURE.into()),
-                            _ => return Err("JSON parse error, expected separator in dict".into()),
+                        if !closes(
+                            tokens,
+                            T_RCURLY,
+                            "JSON parse error, expected separator in dict",
+                        )? {
+                            tok = tokens.next();
+                            continue 'value;
                         }
                         let Some(Open::Object(map, _)) = stack.pop() else {
                             unreachable!("top of stack is an object")
@@ -223,14 +234,13 @@ fn run<'a>(tokens: &mut impl Source<'a>, stack: &mut Vec<Open>) -> Result<Parsed
                 },
                 Some(Open::Array(items)) => {
                     items.push(value);
-                    match tokens.next().0 {
-                        T_RSQUARE => {}
-                        T_COMMA => {
-                            tok = tokens.next();
-                            continue 'value;
-                        }
-                        T_END => return Err(PREMATURE.into()),
-                        _ => return Err("JSON parse error, expected separator in list".into()),
+                    if !closes(
+                        tokens,
+                        T_RSQUARE,
+                        "JSON parse error, expected separator in list",
+                    )? {
+                        tok = tokens.next();
+                        continue 'value;
                     }
                     let Some(Open::Array(items)) = stack.pop() else {
                         unreachable!("top of stack is an array")

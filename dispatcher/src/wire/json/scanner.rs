@@ -7,46 +7,39 @@
 
 use super::strings::plain_len;
 
-// Lexer states. `ERR` doubles as "lexical error" when a transition yields it.
-const ERR: u8 = 0;
-pub(super) const RECOVERY: u8 = 1;
-// The two string-body states are adjacent, so testing for either is one comparison.
-const DQ: u8 = 2;
-const SQ: u8 = 3;
-const DQ_ESC: u8 = 4;
-const SQ_ESC: u8 = 5;
-const ZERO: u8 = 6;
-const EXP_DIGITS: u8 = 7;
-const EXP_SIGN: u8 = 8;
-const EXP_E: u8 = 9;
-const MANT_DIGITS: u8 = 10;
-const MANT: u8 = 11;
-const DIGITS: u8 = 12;
-const SIGN: u8 = 13;
-const KEYWORD: u8 = 14;
-pub(super) const WS: u8 = 15;
-pub(super) const START: u8 = 16;
-const NSTATES: usize = 17;
+/// Declares `u8` constants numbered in order from a first value.
+macro_rules! numbered {
+    ($n:expr;) => {};
+    ($n:expr; $(#[$doc:meta])* $vis:vis $name:ident $(, $($rest:tt)*)?) => {
+        $(#[$doc])*
+        $vis const $name: u8 = $n;
+        numbered!($n + 1; $($($rest)*)?);
+    };
+}
+
+// Lexer states. `ERR` doubles as "lexical error" when a transition yields it. The two
+// string-body states `DQ` and `SQ` are adjacent, so testing for either is one comparison.
+numbered!(0;
+    ERR, pub(super) RECOVERY, DQ, SQ, DQ_ESC, SQ_ESC, ZERO, EXP_DIGITS, EXP_SIGN, EXP_E,
+    MANT_DIGITS, MANT, DIGITS, SIGN, KEYWORD, pub(super) WS, pub(super) START,
+);
+const NSTATES: usize = START as usize + 1;
 
 // Transition results >= TOKEN are completed tokens.
 const TOKEN: u8 = 32;
-pub(super) const T_LCURLY: u8 = 32;
-pub(super) const T_RCURLY: u8 = 33;
-pub(super) const T_LSQUARE: u8 = 34;
-pub(super) const T_RSQUARE: u8 = 35;
-pub(super) const T_COLON: u8 = 36;
-pub(super) const T_COMMA: u8 = 37;
-pub(super) const T_INT: u8 = 38;
-pub(super) const T_FLOAT: u8 = 39;
-pub(super) const T_KW: u8 = 40;
-pub(super) const T_STR: u8 = 41;
-/// Whitespace, or garbage skipped after a lexical error: not a token of any value.
-pub(super) const T_SKIP: u8 = 42;
-/// Not produced by the table: the end of a value's tokens.
-pub(super) const T_END: u8 = 43;
-/// A `T_STR` whose body is all printable ASCII without `"` or `\\`, so it is its own
-/// value; found when the string is lexed in one go from its opening quote.
-pub(super) const T_PLAIN_STR: u8 = 44;
+numbered!(TOKEN;
+    pub(super) T_LCURLY, pub(super) T_RCURLY, pub(super) T_LSQUARE, pub(super) T_RSQUARE,
+    pub(super) T_COLON, pub(super) T_COMMA, pub(super) T_INT, pub(super) T_FLOAT,
+    pub(super) T_KW, pub(super) T_STR,
+    /// Whitespace, or garbage skipped after a lexical error: not a token of any value.
+    pub(super) T_SKIP,
+    /// Not produced by the table: the end of a value's tokens.
+    pub(super) T_END,
+    /// A `T_STR` whose body is all printable ASCII without `"` or `\`, so it is its own
+    /// value; found when the string is lexed in one go from its opening quote.
+    pub(super) T_PLAIN_STR,
+);
+
 /// The byte ends the current token but is not part of it; it is examined again.
 const LA: u8 = 0x80;
 
