@@ -19,7 +19,8 @@ const fn plain_table() -> [bool; 256] {
 static PLAIN: [bool; 256] = plain_table();
 
 /// Length of the leading run of `s` made of printable ASCII other than `"` and `\`.
-#[inline]
+// Not inlined: its loop compiles best on its own, and it is called once per string.
+#[inline(never)]
 pub(super) fn plain_len(s: &[u8]) -> usize {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;

@@ -1039,6 +1039,12 @@ fn icount() {
         "args" => br#"{"execute":"device_add","arguments":{"driver":"virtio-net-pci","id":"net0","bus":"pci.0","addr":"0x5","mac":"52:54:00:12:34:56","vectors":4,"disable-legacy":true},"id":"__qmp#00002"}"#,
         "noid" => br#"{"execute":"query-status","arguments":{"a":"__qmp#00001"}}"#,
         "num" => br#"{"execute":"query-status","id":12345}"#,
+        "big" => {
+            let mut big = br#"{"execute":"x","arguments":{"data":""#.to_vec();
+            big.resize(big.len() + (1 << 20), b'a');
+            big.extend_from_slice(br#""}}"#);
+            big.leak()
+        }
         _ => br#"{"execute":"query-status","id":"__qmp#00001"}"#,
     };
     let n: u32 = std::env::var("ICOUNT_N")
