@@ -1029,7 +1029,7 @@ fn canonical_key_matches_id_key() {
 }
 
 /// A fixed decoding workload for instruction counts, which a shared machine does not
-/// disturb: `ICOUNT=str|num|noid|args ICOUNT_N=10000 valgrind --tool=callgrind <test
+/// disturb: `ICOUNT=str|num|noid|args|big ICOUNT_N=10000 valgrind --tool=callgrind <test
 /// binary> --ignored --exact wire::json::tests::icount` (subtract a run with `ICOUNT_N=0`).
 #[test]
 #[ignore]
