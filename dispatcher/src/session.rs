@@ -566,116 +566,10 @@ fn row(entry: &in_flight::Entry) -> InFlightRow<'_> {
 /// The session's rules, driven synchronously without sockets: frames in, messages out.
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use serde_json::{Value, json};
 
-    use bytes::BytesMut;
-    use serde_json::json;
-    use tokio_util::codec::{Decoder, Encoder};
-
-    use super::*;
-    use crate::wire::{Limits, LineEnding, QmpCodec};
-    use crate::{Command, Registry, Server, ServerBuilder};
-
-    /// Returns parked by the `park` command, by request key.
-    type Parked = Arc<Mutex<Vec<QmpReturn>>>;
-
-    struct Harness {
-        session: Session,
-        outbox: mpsc::UnboundedReceiver<Outgoing>,
-        codec: QmpCodec,
-        parked: Parked,
-        cancel: CancellationToken,
-        _server: Server,
-    }
-
-    impl Harness {
-        fn new(configure: impl FnOnce(ServerBuilder) -> ServerBuilder) -> Harness {
-            let parked: Parked = Arc::default();
-            let keep = Arc::clone(&parked);
-            let mut registry = Registry::builder();
-            registry
-                .add(Command::raw("park", move |_, ret: QmpReturn| {
-                    keep.lock().unwrap().push(ret)
-                }))
-                .unwrap()
-                .add(
-                    Command::raw("echo", |args: Map<String, Value>, ret: QmpReturn| {
-                        ret.ok(&args)
-                    })
-                    .allow_oob(),
-                )
-                .unwrap();
-            let server = configure(Server::builder(registry.build())).build();
-            let (tx, outbox) = mpsc::unbounded_channel();
-            let cancel = CancellationToken::new();
-            let session = Session::new(Arc::clone(server.shared()), 0, tx, cancel.clone());
-            let mut harness = Harness {
-                session,
-                outbox,
-                codec: QmpCodec::new(Limits::default(), LineEnding::Lf),
-                parked,
-                cancel,
-                _server: server,
-            };
-            let greeting = harness.output();
-            assert!(greeting[0].get("QMP").is_some(), "{greeting:?}");
-            harness
-        }
-
-        fn negotiated(
-            caps: &[&str],
-            configure: impl FnOnce(ServerBuilder) -> ServerBuilder,
-        ) -> Self {
-            let mut harness = Harness::new(configure);
-            harness.send(&json!({"execute": "qmp_capabilities", "arguments": {"enable": caps}}));
-            assert_eq!(harness.output(), [json!({"return": {}})]);
-            harness
-        }
-
-        /// Feeds raw input text, frame by frame, as the connection would while the session
-        /// wants input; returns how many bytes were left undecoded.
-        fn feed(&mut self, text: &str) -> usize {
-            let mut input = BytesMut::from(text.as_bytes());
-            while self.session.wants_input() {
-                match self.codec.decode(&mut input).unwrap() {
-                    Some(frame) => self.session.on_frame(frame),
-                    None => break,
-                }
-                self.deliver();
-            }
-            input.len()
-        }
-
-        fn send(&mut self, request: &Value) {
-            assert_eq!(self.feed(&request.to_string()), 0, "not taken: {request}");
-        }
-
-        /// Hands every outbox message to the session.
-        fn deliver(&mut self) {
-            while let Ok(message) = self.outbox.try_recv() {
-                self.session.on_outgoing(message);
-            }
-        }
-
-        /// Everything the session has to say now, as JSON values.
-        fn output(&mut self) -> Vec<Value> {
-            self.deliver();
-            let mut bytes = BytesMut::new();
-            while let Some(message) = self.session.next_output() {
-                self.codec.encode(message, &mut bytes).unwrap();
-            }
-            bytes[..]
-                .split(|&b| b == b'\n')
-                .filter(|line| !line.is_empty())
-                .map(|line| serde_json::from_slice(line).unwrap())
-                .collect()
-        }
-
-        fn release(&mut self, index: usize, value: Value) {
-            let ret = self.parked.lock().unwrap().remove(index);
-            ret.ok(&value);
-        }
-    }
+    use super::tests_support::*;
+    use crate::qmp_return::QmpReturn;
 
     fn error(id: Option<Value>, desc: &str) -> Value {
         let mut reply = json!({"error": {"class": "GenericError", "desc": desc}});
@@ -878,5 +772,185 @@ mod tests {
         assert_eq!(out[0], json!({"return": {}}));
         assert_eq!(out[1]["event"], "STOP");
         assert!(out[1]["timestamp"]["seconds"].is_u64());
+    }
+}
+
+/// A session with a `park` command (deferred, parks its return) and an `echo` command, fed
+/// text and read back as JSON.
+#[cfg(test)]
+mod tests_support {
+    use std::sync::Mutex;
+
+    use bytes::BytesMut;
+    use serde_json::json;
+    use tokio_util::codec::{Decoder, Encoder};
+
+    use super::*;
+    use crate::wire::{Limits, LineEnding, QmpCodec};
+    use crate::{Command, Registry, Server, ServerBuilder};
+
+    /// Returns parked by the `park` command, in arrival order.
+    pub(super) type Parked = Arc<Mutex<Vec<QmpReturn>>>;
+
+    pub(super) struct Harness {
+        pub(super) session: Session,
+        pub(super) outbox: mpsc::UnboundedReceiver<Outgoing>,
+        pub(super) codec: QmpCodec,
+        pub(super) parked: Parked,
+        pub(super) cancel: CancellationToken,
+        pub(super) _server: Server,
+    }
+
+    impl Harness {
+        pub(super) fn new(configure: impl FnOnce(ServerBuilder) -> ServerBuilder) -> Harness {
+            let parked: Parked = Arc::default();
+            let keep = Arc::clone(&parked);
+            let mut registry = Registry::builder();
+            registry
+                .add(Command::raw("park", move |_, ret: QmpReturn| {
+                    keep.lock().unwrap().push(ret)
+                }))
+                .unwrap()
+                .add(
+                    Command::raw("echo", |args: Map<String, Value>, ret: QmpReturn| {
+                        ret.ok(&args)
+                    })
+                    .allow_oob(),
+                )
+                .unwrap();
+            let server = configure(Server::builder(registry.build())).build();
+            let (tx, outbox) = mpsc::unbounded_channel();
+            let cancel = CancellationToken::new();
+            let session = Session::new(Arc::clone(server.shared()), 0, tx, cancel.clone());
+            let mut harness = Harness {
+                session,
+                outbox,
+                codec: QmpCodec::new(Limits::default(), LineEnding::Lf),
+                parked,
+                cancel,
+                _server: server,
+            };
+            let greeting = harness.output();
+            assert!(greeting[0].get("QMP").is_some(), "{greeting:?}");
+            harness
+        }
+
+        pub(super) fn negotiated(
+            caps: &[&str],
+            configure: impl FnOnce(ServerBuilder) -> ServerBuilder,
+        ) -> Self {
+            let mut harness = Harness::new(configure);
+            harness.send(&json!({"execute": "qmp_capabilities", "arguments": {"enable": caps}}));
+            assert_eq!(harness.output(), [json!({"return": {}})]);
+            harness
+        }
+
+        /// Feeds raw input text, frame by frame, as the connection would while the session
+        /// wants input; returns how many bytes were left undecoded.
+        pub(super) fn feed(&mut self, text: &str) -> usize {
+            let mut input = BytesMut::from(text.as_bytes());
+            while self.session.wants_input() {
+                match self.codec.decode(&mut input).unwrap() {
+                    Some(frame) => self.session.on_frame(frame),
+                    None => break,
+                }
+                self.deliver();
+            }
+            input.len()
+        }
+
+        pub(super) fn send(&mut self, request: &Value) {
+            assert_eq!(self.feed(&request.to_string()), 0, "not taken: {request}");
+        }
+
+        /// Hands every outbox message to the session.
+        pub(super) fn deliver(&mut self) {
+            while let Ok(message) = self.outbox.try_recv() {
+                self.session.on_outgoing(message);
+            }
+        }
+
+        /// Everything the session has to say now, as JSON values.
+        pub(super) fn output(&mut self) -> Vec<Value> {
+            self.deliver();
+            let mut bytes = BytesMut::new();
+            while let Some(message) = self.session.next_output() {
+                self.codec.encode(message, &mut bytes).unwrap();
+            }
+            bytes[..]
+                .split(|&b| b == b'\n')
+                .filter(|line| !line.is_empty())
+                .map(|line| serde_json::from_slice(line).unwrap())
+                .collect()
+        }
+
+        /// Everything the session has to say now, as text (for ids serde_json cannot hold).
+        pub(super) fn output_text(&mut self) -> String {
+            self.deliver();
+            let mut bytes = BytesMut::new();
+            while let Some(message) = self.session.next_output() {
+                self.codec.encode(message, &mut bytes).unwrap();
+            }
+            String::from_utf8(bytes.to_vec()).unwrap()
+        }
+
+        pub(super) fn release(&mut self, index: usize, value: Value) {
+            let ret = self.parked.lock().unwrap().remove(index);
+            ret.ok(&value);
+        }
+    }
+}
+
+/// Regressions for ids the session once compared through serde_json.
+#[cfg(test)]
+mod id_regressions {
+    use super::tests_support::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_legacy_cancel_of_minus_zero_finds_the_command() {
+        // serde_json read `-0` as `-0.0`, so the key never matched.
+        let mut h = Harness::negotiated(&["oob"], |b| b);
+        h.feed(r#"{"execute":"park","id":-0}"#);
+        h.feed(r#"{"exec-oob":"async-command-cancel","arguments":{"id":-0},"id":"c"}"#);
+        let out = h.output();
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(out[0]["error"]["desc"], "Command park has been cancelled");
+        assert_eq!(out[1], json!({"return": {}, "id": "c"}));
+    }
+
+    #[test]
+    fn ids_nested_deeper_than_serde_jsons_limit_are_listed_and_cancellable() {
+        let mut h = Harness::negotiated(&["async"], |b| b);
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        h.feed(&format!(r#"{{"execute":"park","id":{deep}}}"#));
+        h.feed(r#"{"execute":"query-async-commands","id":"q"}"#);
+        let listing = h.output_text();
+        assert!(listing.contains(&format!(r#""id":{deep}"#)), "{listing}");
+        h.feed(&format!(
+            r#"{{"execute":"async-command-cancel","arguments":{{"id":{deep}}},"id":"c"}}"#
+        ));
+        let out = h.output_text();
+        assert!(out.contains("Command park has been cancelled"), "{out}");
+    }
+
+    #[test]
+    fn overflowing_ids_are_echoed_listed_and_kept_apart() {
+        let mut h = Harness::negotiated(&["async"], |b| b);
+        h.feed(r#"{"execute":"park","id":1e400}"#);
+        h.feed(r#"{"execute":"park","id":2e400}"#);
+        assert_eq!(
+            h.parked.lock().unwrap().len(),
+            2,
+            "1e400 and 2e400 are two ids"
+        );
+        h.feed(r#"{"execute":"query-async-commands","id":"q"}"#);
+        let listing = h.output_text();
+        assert!(
+            listing.contains(r#""id":1e400"#) && listing.contains(r#""id":2e400"#),
+            "{listing}"
+        );
+        h.release(0, json!(1));
+        assert!(h.output_text().contains(r#""id": 1e400"#));
     }
 }

@@ -321,9 +321,19 @@ fn split_lines<'a>(output: &'a [u8], ending: &[u8]) -> Vec<&'a [u8]> {
     lines
 }
 
+/// An output line as a JSON object. Checked as JSON by `serde_json`, read with the
+/// dispatcher's decoder: an echoed id may be a number that overflows a double (`1e400`),
+/// valid JSON that a `serde_json::Value` cannot hold.
 fn json_object(line: &[u8]) -> Map<String, Value> {
-    match serde_json::from_slice(line) {
-        Ok(Value::Object(object)) => object,
+    let valid = serde_json::from_slice::<serde::de::IgnoredAny>(line).map(|_| ());
+    let decoded = JsonDecoder::default().decode_eof(&mut BytesMut::from(line));
+    match (valid, decoded) {
+        (Ok(()), Some(Frame::Value(parsed))) if parsed.value.is_object() => {
+            let Value::Object(object) = parsed.value else {
+                unreachable!("checked to be an object")
+            };
+            object
+        }
         other => panic!(
             "output line is not a JSON object ({other:?}): {:?}",
             String::from_utf8_lossy(line)

@@ -14,8 +14,7 @@ use serde_json::value::RawValue;
 use tokio_util::codec::{Decoder, Encoder};
 
 use super::encode::{self, LineEnding};
-use super::id::Id;
-use super::json::{Frame, JsonDecoder, Limits};
+use super::json::{Frame, Id, JsonDecoder, Limits};
 use crate::error::QmpError;
 
 /// One message from the server to a client, before framing.
@@ -141,7 +140,7 @@ mod tests {
                 Message::Event(Bytes::from_static(b"{\"event\": \"STOP\"}")),
                 Message::Return {
                     command: "x".into(),
-                    id: Some(Id::from_text(raw("1"))),
+                    id: None,
                     value: raw("{}"),
                 },
                 Message::Error {

@@ -3,13 +3,11 @@
 
 pub mod codec;
 pub mod encode;
-pub mod id;
 pub mod json;
 pub(crate) mod qdict;
 pub mod request;
 
 pub use codec::{Message, QmpCodec, ServerCodec};
 pub use encode::LineEnding;
-pub use id::{Id, canonical_key};
-pub use json::{Frame, JsonDecoder, Limits, ParsedValue};
+pub use json::{Frame, Id, JsonDecoder, Limits, ParsedValue, canonical_key};
 pub use request::{Request, RequestError};

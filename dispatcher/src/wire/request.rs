@@ -3,8 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use super::id::Id;
-use super::json::ParsedValue;
+use super::json::{Id, ParsedValue};
 use super::qdict;
 use crate::error::QmpError;
 
@@ -17,10 +16,8 @@ pub struct Request {
     pub oob: bool,
     /// The arguments; `{}` when the member was absent.
     pub arguments: Map<String, Value>,
-    /// The `id`, echoed verbatim in the reply.
+    /// The `id`: its text is echoed in the reply, its key compares ids.
     pub id: Option<Id>,
-    /// The parsed `id`, used to compare ids (`1.0` and `1.00` are the same id).
-    pub id_value: Option<Value>,
 }
 
 /// A request rejected before dispatch. `id` is set once the input was known to be an object.
@@ -50,7 +47,7 @@ pub fn parse(parsed: ParsedValue, oob_enabled: bool) -> Result<Request, RequestE
             error: QmpError::generic("QMP input must be a JSON object"),
         });
     };
-    let id = parsed.id.map(Id::from_text);
+    let id = parsed.id;
     let fail = |id, desc: String| {
         Err(RequestError {
             id,
@@ -75,12 +72,11 @@ pub fn parse(parsed: ParsedValue, oob_enabled: bool) -> Result<Request, RequestE
     };
     let oob = command_key == "exec-oob";
     // One pass taking members by value; the envelope was validated above.
-    let (mut command, mut arguments, mut id_value) = (String::new(), Map::new(), None);
+    let (mut command, mut arguments) = (String::new(), Map::new());
     for (key, value) in map {
         match (key.as_str(), value) {
             (key, Value::String(name)) if key == command_key => command = name,
             ("arguments", Value::Object(object)) => arguments = object,
-            ("id", value) => id_value = Some(value),
             _ => {}
         }
     }
@@ -89,7 +85,6 @@ pub fn parse(parsed: ParsedValue, oob_enabled: bool) -> Result<Request, RequestE
         oob,
         arguments,
         id,
-        id_value,
     })
 }
 
@@ -151,14 +146,14 @@ fn envelope_is_valid(map: &Map<String, Value>, oob_enabled: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::value::RawValue;
+    use crate::wire::json::{Frame, JsonDecoder};
 
     fn parsed(text: &str) -> ParsedValue {
-        let value: Value = serde_json::from_str(text).unwrap();
-        let id = value
-            .get("id")
-            .map(|id| RawValue::from_string(id.to_string()).unwrap());
-        ParsedValue { value, id }
+        let mut buf = bytes::BytesMut::from(text);
+        match JsonDecoder::default().decode_eof(&mut buf) {
+            Some(Frame::Value(parsed)) => parsed,
+            other => panic!("{text}: {other:?}"),
+        }
     }
 
     fn desc(text: &str, oob: bool) -> String {
@@ -216,6 +211,20 @@ mod tests {
         assert!(req.oob);
         assert_eq!(req.command, "q");
         assert_eq!(req.arguments["a"], 1);
-        assert_eq!(req.id.unwrap().text().get(), "\"x\"");
+        assert_eq!(req.id.unwrap().get(), "\"x\"");
+    }
+
+    #[test]
+    fn ids_keep_their_text_and_key() {
+        let req = parse(parsed(r#"{"execute":"x","id":1e400}"#), false).unwrap();
+        let id = req.id.unwrap();
+        assert_eq!((id.text().get(), id.key()), ("1e400", "1e400"));
+        let err = parse(parsed(r#"{"id":{"b":-0,"a":1.00},"zz":1}"#), false).unwrap_err();
+        let id = err.id.unwrap();
+        assert_eq!(id.text().get(), r#"{"b":-0,"a":1.00}"#);
+        assert_eq!(id.key(), r#"{"a":1.0,"b":0}"#);
+        // `as_deref` still gives the echo text for the encoder.
+        let req = parse(parsed(r#"{"execute":"x","id":[1]}"#), false).unwrap();
+        assert_eq!(req.id.as_deref().map(|raw| raw.get()), Some("[1]"));
     }
 }

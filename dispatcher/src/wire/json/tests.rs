@@ -4,7 +4,7 @@
 use bytes::BytesMut;
 use serde_json::{Value, json};
 
-use super::{Frame, JsonDecoder, Limits};
+use super::{Frame, Id, JsonDecoder, Limits, canonical_key};
 
 /// A frame reduced to something comparable: `V:<value as JSON>` or `E:<desc>`.
 fn show(f: Frame) -> String {
@@ -828,4 +828,232 @@ fn whole_buffer_matches_byte_at_a_time() {
         );
     }
     assert!(values > 10_000, "only {values} values");
+}
+
+/// The `id` of a number too big for a double keeps its own spelling in the echo text.
+#[test]
+fn id_echo_keeps_overflowing_numbers() {
+    assert_eq!(
+        id_of(br#"{"execute":"x","id":1e400}"#).as_deref(),
+        Some("1e400")
+    );
+    assert_eq!(id_of(br#"{"id":-1E999999}"#).as_deref(), Some("-1E999999"));
+    assert_eq!(
+        id_of(br#"{"id":[1e400, {"b": 2e400}]}"#).as_deref(),
+        Some(r#"[1e400,{"b":2e400}]"#)
+    );
+    let digits = "9".repeat(100_000);
+    let input = format!(r#"{{"execute":"x","id":{digits}}}"#);
+    assert_eq!(id_of(input.as_bytes()), Some(digits));
+}
+
+/// Ids nest as deep as QEMU allows (serde_json's own parser stops at 128).
+#[test]
+fn id_echo_of_deep_nesting() {
+    for depth in [200, 1023] {
+        let text = format!(
+            "{}0{}",
+            "[{\"a\":".repeat(depth / 2),
+            "}]".repeat(depth / 2)
+        );
+        let input = format!(r#"{{"execute":"x","id": {text}}}"#);
+        assert_eq!(
+            id_of(input.as_bytes()).as_deref(),
+            Some(&text[..]),
+            "{depth}"
+        );
+    }
+}
+
+/// The parsed id of the first frame of `input`.
+fn parsed_id(input: &[u8]) -> Id {
+    let mut dec = JsonDecoder::default();
+    let mut buf = BytesMut::from(input);
+    match dec.decode(&mut buf) {
+        Some(Frame::Value(p)) => p.id.expect("an id"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// The canonical key of the id in `{"id":<id>}`, through the single-pass path and
+/// through the streaming path (byte at a time), which must agree.
+fn key_of(id: &str) -> String {
+    let input = format!(r#"{{"execute":"x","id":{id}}}"#);
+    let whole = parsed_id(input.as_bytes());
+    let mut dec = JsonDecoder::default();
+    let mut buf = BytesMut::new();
+    let mut split = None;
+    for &b in input.as_bytes() {
+        buf.extend_from_slice(&[b]);
+        if let Some(Frame::Value(p)) = dec.decode(&mut buf) {
+            split = p.id;
+        }
+    }
+    let split = split.expect("an id byte by byte");
+    assert_eq!(whole.text().get(), split.text().get(), "{id}");
+    assert_eq!(whole.key(), split.key(), "{id}");
+    whole.key().to_owned()
+}
+
+#[test]
+fn id_keys_compare_values() {
+    let same: &[(&str, &str)] = &[
+        (r#"{"a":1,"b":2}"#, r#"{ "b" : 2, "a" : 1 }"#),
+        ("1.0", "1.00"),
+        ("-0", "0"),
+        (r#""\u0041""#, r#""A""#),
+        ("'A'", r#""A""#),
+        ("1e2", "100.0"),
+        (
+            "[1.50, {\"y\":[], \"x\":{\"d\":0,\"c\":-0}}]",
+            "[1.5,{\"x\":{\"c\":0,\"d\":0},\"y\":[]}]",
+        ),
+        ("1e400", "1e400"),
+        ("18446744073709551616", "1.8446744073709552e19"),
+    ];
+    for (a, b) in same {
+        assert_eq!(key_of(a), key_of(b), "{a} vs {b}");
+    }
+    let different: &[(&str, &str)] = &[
+        ("1", "1.0"),
+        ("1e400", "2e400"),
+        ("1e400", "1E400"),
+        (r#""1""#, "1"),
+        ("[1,2]", "[2,1]"),
+        (r#"{"a":1}"#, r#"{"a":1.0}"#),
+        ("null", r#""null""#),
+    ];
+    for (a, b) in different {
+        assert_ne!(key_of(a), key_of(b), "{a} vs {b}");
+    }
+    assert_eq!(key_of(r#"{ "b" : 2, "a" : 1 }"#), r#"{"a":1,"b":2}"#);
+    assert_eq!(key_of("-0"), "0");
+    assert_eq!(key_of("1.00"), "1.0");
+    assert_eq!(key_of("1e400"), "1e400");
+    assert_eq!(key_of(r#""\u0041\n""#), r#""A\n""#);
+}
+
+#[test]
+fn id_text_and_key_storage() {
+    // -0 is echoed as spelled; its key is 0, stored separately.
+    let id = parsed_id(br#"{"execute":"x","id":-0}"#);
+    assert_eq!((id.text().get(), id.key()), ("-0", "0"));
+    assert_eq!(id.heap_size(), 3);
+    // The common case: text and key are one string.
+    let id = parsed_id(br#"{"execute":"x","id":"__qmp#00001"}"#);
+    assert_eq!(id.key(), id.text().get());
+    assert_eq!(id.heap_size(), 13);
+    let id = parsed_id(br#"{"id":{"a":[1,{"b":2}],"c":null}}"#);
+    assert_eq!(id.key(), id.text().get());
+    assert_eq!(id.heap_size(), id.text().get().len());
+    // A 100000-digit integer is held once, in its own spelling.
+    let digits = "7".repeat(100_000);
+    let id = parsed_id(format!(r#"{{"id":{digits}}}"#).as_bytes());
+    assert_eq!(id.text().get(), digits);
+    assert_eq!(id.key(), digits);
+    assert_eq!(id.heap_size(), 100_000);
+    // Deref gives the echo text.
+    let raw: &serde_json::value::RawValue = &id;
+    assert_eq!(raw.get().len(), 100_000);
+}
+
+#[test]
+fn id_keys_of_deep_ids() {
+    let deep = format!("{}0{}", "[{\"k\":".repeat(100), "}]".repeat(100));
+    assert_eq!(key_of(&deep), deep);
+    let value: Value = {
+        let mut v = json!(0);
+        for _ in 0..500 {
+            v = json!([{ "k": v }]);
+        }
+        v
+    };
+    // 1000 levels: beyond serde_json's own recursion limit of 128.
+    let text = format!("{}0{}", "[{\"k\":".repeat(500), "}]".repeat(500));
+    assert_eq!(canonical_key(&value), text);
+    let input = format!(r#"{{"id":{text}}}"#);
+    assert_eq!(parsed_id(input.as_bytes()).key(), text);
+}
+
+/// `canonical_key` of the parsed value is the id's key, for ids without overflowing
+/// numbers.
+#[test]
+fn canonical_key_matches_id_key() {
+    let ids = [
+        "0",
+        "-0",
+        "-0.0",
+        "12",
+        "1.0",
+        "1.50",
+        "1e3",
+        "1E+2",
+        "0.5e-3",
+        "-1.0",
+        "9223372036854775807",
+        "9223372036854775808",
+        "18446744073709551615",
+        "18446744073709551616",
+        "-9223372036854775809",
+        "true",
+        "false",
+        "null",
+        r#""plain""#,
+        r#""esc\"\\\/\b\f\n\r\t""#,
+        r#""\u00e9\ud83d\ude00\u0001\u007f""#,
+        "'sq\\'s'",
+        "\"caf\u{e9}\"",
+        "[]",
+        "{}",
+        r#"[1,[2,[3,{}]]]"#,
+        r#"{"z":1,"a":{"y":[true,null],"b":"x"},"m":[]}"#,
+        r#"{"b":1,"a":2,"\u0000":3,"\n":4,"é":5,"e":6}"#,
+        r#"{"ba":1,"b":2,"a\"":3,"a":4}"#,
+    ];
+    for id in ids {
+        let input = format!(r#"{{"execute":"x","id":{id}}}"#);
+        let mut dec = JsonDecoder::default();
+        let mut buf = BytesMut::from(input.as_bytes());
+        let Some(Frame::Value(p)) = dec.decode(&mut buf) else {
+            panic!("{id}");
+        };
+        let id_key = p.id.as_ref().expect("an id").key().to_owned();
+        assert_eq!(canonical_key(&p.value["id"]), id_key, "{id}");
+        // And the key is what serde_json writes for the value (maps are sorted here).
+        assert_eq!(
+            serde_json::to_string(&p.value["id"]).unwrap(),
+            id_key,
+            "{id}"
+        );
+    }
+}
+
+/// A fixed decoding workload for instruction counts, which a shared machine does not
+/// disturb: `ICOUNT=str|num|noid|args|big ICOUNT_N=10000 valgrind --tool=callgrind <test
+/// binary> --ignored --exact wire::json::tests::icount` (subtract a run with `ICOUNT_N=0`).
+#[test]
+#[ignore]
+fn icount() {
+    let which = std::env::var("ICOUNT").unwrap_or_default();
+    let req: &[u8] = match which.as_str() {
+        "args" => br#"{"execute":"device_add","arguments":{"driver":"virtio-net-pci","id":"net0","bus":"pci.0","addr":"0x5","mac":"52:54:00:12:34:56","vectors":4,"disable-legacy":true},"id":"__qmp#00002"}"#,
+        "noid" => br#"{"execute":"query-status","arguments":{"a":"__qmp#00001"}}"#,
+        "num" => br#"{"execute":"query-status","id":12345}"#,
+        "big" => {
+            let mut big = br#"{"execute":"x","arguments":{"data":""#.to_vec();
+            big.resize(big.len() + (1 << 20), b'a');
+            big.extend_from_slice(br#""}}"#);
+            big.leak()
+        }
+        _ => br#"{"execute":"query-status","id":"__qmp#00001"}"#,
+    };
+    let n: u32 = std::env::var("ICOUNT_N")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(200_000);
+    let mut dec = JsonDecoder::default();
+    for _ in 0..n {
+        let mut buf = BytesMut::from(std::hint::black_box(req));
+        std::hint::black_box(dec.decode(&mut buf));
+    }
 }
