@@ -7,7 +7,6 @@ pub mod venv;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,35 +22,38 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 /// How long a test waits for a line before failing.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A unique scratch directory, removed on drop.
-pub struct Scratch(pub PathBuf);
+/// The recorded transcripts and QEMU data the tests read (`tests/data/`, see its README):
+/// part of the repository, so a fresh clone needs nothing beside it.
+pub const DATA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data");
+
+/// A directory of [`DATA_DIR`], e.g. `data_dir("qemu-10.0")`.
+pub fn data_dir(name: &str) -> PathBuf {
+    Path::new(DATA_DIR).join(name)
+}
+
+/// A fresh scratch directory (a [`tempfile::TempDir`]), removed on drop.
+pub struct Scratch(tempfile::TempDir);
 
 impl Scratch {
     /// Creates a fresh directory under the system temp dir.
     pub fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("qmp-tests-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Scratch(dir)
+        Scratch(
+            tempfile::Builder::new()
+                .prefix("qmp-tests-")
+                .tempdir()
+                .expect("create scratch dir"),
+        )
     }
 
     /// A path inside the directory.
     pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
+        self.0.path().join(name)
     }
 }
 
 impl Default for Scratch {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -50,7 +50,9 @@ async fn serves_tcp_clients() {
     server.wait().await;
 }
 
-#[tokio::test]
+// In memory end to end (a duplex pipe, no socket), so paused time is sound: the 50 ms
+// `x-delay` fires as soon as the runtime is idle, with no real wait.
+#[tokio::test(start_paused = true)]
 async fn serves_any_byte_stream() {
     let server = server();
     let (client, server_side) = tokio::io::duplex(4096);

@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use qmp_dispatcher::{Command, QmpReturn};
@@ -14,34 +13,33 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// How long a test waits for a reply line.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where the recorded qemu-ga 7.2 transcripts live.
+/// Where the recorded qemu-ga 7.2 transcripts live: the workspace's `tests/data/` (see its
+/// README), part of the repository.
 pub fn transcripts_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/qemu-ga-7.2")
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/data/qemu-ga-7.2"
+    ))
 }
 
-/// A unique scratch directory, removed on drop.
-pub struct Scratch(pub PathBuf);
+/// A fresh scratch directory (a [`tempfile::TempDir`]), removed on drop. The same thin
+/// wrapper as `qmp_tests::Scratch`: this crate cannot depend on qmp-tests (a cycle).
+pub struct Scratch(tempfile::TempDir);
 
 impl Scratch {
     /// Creates a fresh directory under the system temp dir.
     pub fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("qmp-qga-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Scratch(dir)
+        Scratch(
+            tempfile::Builder::new()
+                .prefix("qmp-qga-")
+                .tempdir()
+                .expect("create scratch dir"),
+        )
     }
 
     /// A path inside the directory.
     pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path().join(name)
     }
 }
 

@@ -466,10 +466,7 @@ fn token_size_limit() {
 /// Replays the client bytes of one connection of a QEMU transcript and checks that the
 /// frames line up with the server's replies.
 fn replay(path: &str) {
-    let full = format!(
-        "{}/../../shared/conformance/{path}",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let full = format!("{}/../tests/data/{path}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&full).unwrap_or_else(|err| panic!("{full}: {err}"));
     let mut lines = text.lines();
     lines.next();
