@@ -86,6 +86,7 @@ impl std::error::Error for QmpError {}
 
 /// Registering a command failed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RegisterError {
     /// A command of that name is already registered (built-ins included).
     #[error("command '{0}' is already registered")]

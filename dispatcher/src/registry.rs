@@ -277,6 +277,7 @@ impl Registry {
 
 /// What [`Registry::commands`] reports about one command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CommandInfo<'a> {
     /// The command name.
     pub name: &'a str,

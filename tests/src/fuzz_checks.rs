@@ -135,7 +135,7 @@ pub fn check_decoder(data: &[u8]) {
 }
 
 /// Commands for fuzzing sessions: [`crate::test_commands`], whose `x-delay` sleeps at most an
-/// hour (so a session that outlives [`HANG_AFTER`] is hung, not slow) and whose panics carry
+/// hour (so a session that outlives `HANG_AFTER` is hung, not slow) and whose panics carry
 /// messages [`install_panic_filter`] recognises.
 pub fn fuzz_registry(holds: &Holds) -> Registry {
     let mut builder = Registry::builder();

@@ -167,3 +167,58 @@ async fn a_reading_client_gets_a_reply_larger_than_max_pending_output() {
     client.execute("echo", json!({"pad": pad}), json!(1)).await;
     assert_eq!(client.recv().await["id"], json!(1));
 }
+
+/// A client disconnected for not reading its events gets whole lines only: the server
+/// finishes the line it had begun before closing (it used to stop mid-JSON). Over TCP, whose
+/// writes stop at any byte when the window fills.
+#[tokio::test]
+async fn a_client_dropped_for_not_reading_gets_whole_lines() {
+    use tokio::io::AsyncReadExt;
+    let registry = qmp_dispatcher::Registry::builder().build();
+    let server = qmp_dispatcher::Server::builder(registry)
+        .max_pending_output(64 << 10)
+        .build();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let serving = server.clone();
+    tokio::spawn(async move { serving.serve(listener).await });
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(br#"{"execute":"qmp_capabilities"}"#)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + qmp_tests::TIMEOUT;
+    while server.events().receivers() == 0 {
+        assert!(Instant::now() < deadline, "never negotiated");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pad = "p".repeat(997);
+    // Far more than the socket buffers and the pending-output limit together, paced so that
+    // the connection writes between batches and the window fills part-way through a line.
+    for n in 0..6000 {
+        server
+            .events()
+            .emit("BIG", Some(json!({ "n": n, "pad": pad })));
+        if n % 16 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    // The connection sees its output pass the limit and, before closing, waits (up to a
+    // second) to finish the line it had begun; only now does the client read, to EOF.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut received = Vec::new();
+    tokio::time::timeout(qmp_tests::TIMEOUT, stream.read_to_end(&mut received))
+        .await
+        .expect("EOF in time")
+        .expect("read");
+    assert!(received.len() > 64 << 10, "only {} bytes", received.len());
+    assert!(
+        received.ends_with(b"\r\n"),
+        "cut mid-line: ...{:?}",
+        String::from_utf8_lossy(&received[received.len().saturating_sub(60)..])
+    );
+    for line in received.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let _: serde_json::Value = serde_json::from_slice(line).expect("a whole JSON line");
+    }
+    server.shutdown();
+}

@@ -12,6 +12,17 @@ use tokio::net::UnixStream;
 
 const MIB: usize = 1 << 20;
 
+/// This process's resident set, in bytes.
+fn rss() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: usize = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
 /// Writes an unterminated string as long as the server reads it, up to `total` bytes.
 async fn stream_unterminated(socket: &std::path::Path, total: usize) -> UnixStream {
     let mut stream = UnixStream::connect(socket).await.unwrap();
@@ -36,6 +47,7 @@ async fn the_server_wide_budget_stops_reading_and_others_are_still_served() {
     let budget = 8 * MIB;
     let server = TestServer::start_with(|b| b.max_memory(budget)).await;
     let attackers = 6;
+    let before = rss();
     let mut streams = Vec::new();
     for _ in 0..attackers {
         streams.push(stream_unterminated(&server.socket, 8 * MIB).await);
