@@ -61,6 +61,13 @@ async fn the_server_wide_budget_stops_reading_and_others_are_still_served() {
         held >= budget,
         "the attackers did reach the budget ({held} bytes)"
     );
+    // The process as a whole grew by no more than the formula, plus allocator slack and the
+    // test's own buffers; without the budget the six would hold 48 MiB of strings.
+    let grown = rss().saturating_sub(before);
+    assert!(
+        grown <= bound + 16 * MIB,
+        "RSS grew by {grown} bytes, bound {bound}"
+    );
 
     let mut polite = server.negotiated(&[]).await;
     polite.execute("query-version", json!({}), json!(1)).await;
