@@ -104,6 +104,44 @@ async fn transient_accept_errors_are_retried_and_others_reach_the_caller() {
     );
 }
 
+/// Descriptor exhaustion makes every accept fail at once; the warning must not flood the
+/// log (it used to be one line per 50 ms retry, ~270 MB a day).
+#[tokio::test]
+async fn repeated_accept_errors_warn_once_per_period() {
+    use std::sync::Mutex;
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let server = Server::builder(registry()).build();
+    let mut errors = vec![libc_errno::EMFILE; 8];
+    errors.push(libc_errno::EBADF);
+    let listener = FailingListener {
+        errors,
+        attempts: Arc::default(),
+    };
+    let _ = tokio::time::timeout(TIMEOUT, server.serve(listener)).await;
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let warnings = log.matches("accept failed; retrying").count();
+    assert_eq!(warnings, 1, "{log}");
+    assert!(log.contains("no longer accepting"), "{log}");
+}
+
 /// Error numbers, spelled out (the workspace has no libc dependency in tests).
 mod libc_errno {
     pub const EBADF: i32 = 9;
