@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use serde_json::value::RawValue;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::net::Listener;
@@ -32,7 +31,7 @@ pub(crate) struct Shared {
     /// The greeting line every client gets, encoded once.
     pub(crate) greeting: Bytes,
     /// `query-version`'s reply, written once in QEMU's member order.
-    pub(crate) version_json: Box<RawValue>,
+    pub(crate) version_json: Bytes,
     pub(crate) counters: Counters,
     /// What all connections hold, against `max_memory`.
     pub(crate) memory: MemoryBudget,
@@ -259,8 +258,7 @@ impl ServerBuilder {
         });
         let client_slots = Arc::new(Semaphore::new(config.max_clients));
         let config_max_memory = config.max_memory;
-        let version_json =
-            RawValue::from_string(config.version.to_qemu_json()).expect("the version text is JSON");
+        let version_json = Bytes::from(config.version.to_qemu_json());
         Server {
             shared: Arc::new(Shared {
                 greeting: greeting(&config),

@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -205,9 +206,9 @@ impl Session {
         match completion.outcome {
             Outcome::Return(_) if entry.silent_success => {}
             Outcome::Return(value) => self.output.push_back(Message::Return {
-                command: entry.command,
+                command: Some(entry.command),
                 id: entry.id,
-                value,
+                value: json_bytes(value),
             }),
             Outcome::Error(error) => self.push_error(entry.id, error),
         }
@@ -255,7 +256,8 @@ impl Session {
     /// Async clients: run now what has room or needs none; keep the rest as the lookahead.
     fn admit(&mut self, input: Input) {
         if let Input::Request(request) = &input {
-            if self.may_enter_in_flight(request) && !self.has_room(request.oob) {
+            // Room first: it is the cheap test, and the common answer.
+            if !self.has_room(request.oob) && self.may_enter_in_flight(request) {
                 let Input::Request(request) = input else {
                     unreachable!()
                 };
@@ -333,7 +335,7 @@ impl Session {
             Kind::Builtin(builtin) => {
                 match self.builtin(*builtin, arguments) {
                     Ok(value) => self.output.push_back(Message::Return {
-                        command: Arc::clone(&command.name),
+                        command: None,
                         id,
                         value,
                     }),
@@ -400,7 +402,7 @@ impl Session {
         &mut self,
         builtin: Builtin,
         arguments: Map<String, Value>,
-    ) -> Result<Box<RawValue>, QmpError> {
+    ) -> Result<Bytes, QmpError> {
         let value = match builtin {
             Builtin::QmpCapabilities => self.negotiate(arguments)?,
             Builtin::QueryVersion => {
@@ -420,11 +422,15 @@ impl Session {
                 no_args(arguments)?;
                 let rows: Vec<InFlightRow<'_>> =
                     self.in_flight.iter().map(|(_, e)| row(e)).collect();
-                return Ok(serde_json::value::to_raw_value(&rows).expect("rows serialize"));
+                return Ok(Bytes::from(
+                    serde_json::to_vec(&rows).expect("rows serialize"),
+                ));
             }
             Builtin::AsyncCommandCancel => self.cancel_by_id(arguments)?,
         };
-        Ok(serde_json::value::to_raw_value(&value).expect("a Value always serializes"))
+        Ok(Bytes::from(
+            serde_json::to_vec(&value).expect("a Value always serializes"),
+        ))
     }
 
     fn negotiate(&mut self, arguments: Map<String, Value>) -> Result<Value, QmpError> {
@@ -532,6 +538,12 @@ impl Session {
     fn push_error(&mut self, id: Option<Id>, error: QmpError) {
         self.output.push_back(Message::Error { id, error });
     }
+}
+
+/// A handler's JSON text as shared bytes, without copying it.
+fn json_bytes(value: Box<RawValue>) -> Bytes {
+    let text: Box<str> = value.into();
+    Bytes::from(text.into_boxed_bytes())
 }
 
 /// Checks that a built-in taking no arguments got none, without a serde round trip.

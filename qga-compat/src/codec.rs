@@ -53,7 +53,11 @@ impl Encoder<Message> for GuestAgentCodec {
     fn encode(&mut self, message: Message, dst: &mut BytesMut) -> io::Result<()> {
         // Only a successful reply gets the sentinel: in qemu-ga the handler sets the flag,
         // so an argument error is written plain.
-        if let Message::Return { command, .. } = &message {
+        if let Message::Return {
+            command: Some(command),
+            ..
+        } = &message
+        {
             if &**command == "guest-sync-delimited" {
                 dst.put_u8(SENTINEL);
             }

@@ -10,7 +10,6 @@ use std::io;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use serde_json::value::RawValue;
 use tokio_util::codec::{Decoder, Encoder};
 
 use super::encode::{self, LineEnding};
@@ -27,12 +26,13 @@ pub enum Message {
     Event(Bytes),
     /// `{"return": value, "id": id}`.
     Return {
-        /// The command this answers, for dialects that frame some replies specially.
-        command: Arc<str>,
+        /// The command this answers, for dialects that frame some replies specially; set for
+        /// replies of handlers, `None` for the built-ins, which no dialect frames apart.
+        command: Option<Arc<str>>,
         /// The request's id, echoed verbatim.
         id: Option<Id>,
-        /// The return value as JSON text.
-        value: Box<RawValue>,
+        /// The return value as JSON text (shared, so a built-in's fixed reply is not copied).
+        value: Bytes,
     },
     /// `{"id": id, "error": {"class": ..., "desc": ...}}`.
     Error {
@@ -121,10 +121,6 @@ impl<C> ServerCodec for C where
 mod tests {
     use super::*;
 
-    fn raw(s: &str) -> Box<RawValue> {
-        RawValue::from_string(s.to_string()).unwrap()
-    }
-
     fn encoded(codec: &mut QmpCodec, message: Message) -> Vec<u8> {
         let mut out = BytesMut::new();
         codec.encode(message, &mut out).unwrap();
@@ -139,9 +135,9 @@ mod tests {
                 Message::Greeting(Bytes::from_static(b"{\"QMP\": {}}")),
                 Message::Event(Bytes::from_static(b"{\"event\": \"STOP\"}")),
                 Message::Return {
-                    command: "x".into(),
+                    command: Some("x".into()),
                     id: None,
-                    value: raw("{}"),
+                    value: Bytes::from_static(b"{}"),
                 },
                 Message::Error {
                     id: None,

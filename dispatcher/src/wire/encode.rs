@@ -29,10 +29,10 @@ impl LineEnding {
     }
 }
 
-/// Appends `{"return": VALUE, "id": ID}`.
-pub fn success(out: &mut BytesMut, value: &RawValue, id: Option<&RawValue>) {
+/// Appends `{"return": VALUE, "id": ID}`; `value` is JSON text.
+pub fn success(out: &mut BytesMut, value: &[u8], id: Option<&RawValue>) {
     out.put_slice(b"{\"return\": ");
-    out.put_slice(value.get().as_bytes());
+    out.put_slice(value);
     if let Some(id) = id {
         out.put_slice(b", \"id\": ");
         out.put_slice(id.get().as_bytes());
@@ -100,7 +100,7 @@ mod tests {
     #[test]
     fn success_echoes_the_raw_id() {
         let mut out = BytesMut::new();
-        success(&mut out, &raw("{}"), Some(&raw("{\"b\":1,\"a\":1.0}")));
+        success(&mut out, b"{}", Some(&raw("{\"b\":1,\"a\":1.0}")));
         assert_eq!(&out[..], b"{\"return\": {}, \"id\": {\"b\":1,\"a\":1.0}}");
     }
 
