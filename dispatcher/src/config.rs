@@ -139,6 +139,11 @@ pub const DEFAULT_MAX_MEMORY: usize = 1 << 30;
 /// What a connection may hold even when the server-wide budget is spent, so a well-behaved
 /// client is still read while others hold large partial requests: 64 KiB.
 pub const MEMORY_FLOOR: usize = 64 << 10;
+/// A connection's buffer larger than this is given back once it no longer needs the room,
+/// so a client that once sent or received a large value does not keep its buffers while
+/// idle: 1 MiB. Ordinary traffic grows buffers well past 64 KiB (they double as they grow),
+/// and a threshold that low made them shrink and regrow under load.
+pub const IDLE_CAPACITY: usize = 1 << 20;
 /// Input buffered at once above which decoding (and the dispatch of what it decodes) moves
 /// off the runtime's worker (`block_in_place`), so one large value does not stall the other
 /// clients of that worker: 1 MiB.

@@ -60,6 +60,9 @@ pub(crate) struct Session {
     events: Option<Subscription>,
     /// Events were lost because this client fell behind; the connection must end.
     lagged: bool,
+    /// `query-version`'s reply, this session's own copy: sharing one allocation among all
+    /// connections would bounce its reference count between cores on every reply.
+    version_json: Bytes,
 }
 
 impl Session {
@@ -84,6 +87,7 @@ impl Session {
             cancel,
             events: None,
             lagged: false,
+            version_json: Bytes::copy_from_slice(&shared.version_json),
             shared,
         };
         if dialect.greeting {
@@ -407,7 +411,7 @@ impl Session {
             Builtin::QmpCapabilities => self.negotiate(arguments)?,
             Builtin::QueryVersion => {
                 no_args(arguments)?;
-                return Ok(self.shared.version_json.clone());
+                return Ok(self.version_json.clone());
             }
             Builtin::QueryCommands => {
                 no_args(arguments)?;

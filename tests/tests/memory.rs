@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use qmp_dispatcher::config::MEMORY_FLOOR;
+use qmp_dispatcher::config::{IDLE_CAPACITY, MEMORY_FLOOR};
 use qmp_tests::{Client, TIMEOUT, TestServer};
 use serde_json::json;
 
@@ -57,7 +57,7 @@ async fn retained_ids_are_budgeted_per_client() {
     }
     server
         .wait_stats("nothing retained", |s| {
-            s.in_flight == 0 && s.memory <= 2 * MEMORY_FLOOR
+            s.in_flight == 0 && s.memory <= IDLE_CAPACITY + 2 * MEMORY_FLOOR
         })
         .await;
 }
