@@ -175,7 +175,8 @@ pub struct Config {
     pub limits: Limits,
     /// Bytes all connections together may hold in input and output buffers and retained
     /// ids. Past it, connections holding more than [`MEMORY_FLOOR`] stop reading until
-    /// memory is given back.
+    /// memory is given back. Keep it well above `limits.max_bytes`: a request larger than
+    /// the budget would wait for ever.
     pub max_memory: usize,
     /// Connected clients per server; further connections wait in the listen backlog.
     pub max_clients: usize,
