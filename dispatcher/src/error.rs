@@ -93,4 +93,7 @@ pub enum RegisterError {
     /// Command and event names must be non-empty.
     #[error("command and event names must not be empty")]
     EmptyName,
+    /// [`Registry::disable`](crate::Registry::disable) or `enable` named no command.
+    #[error("no command '{0}'")]
+    UnknownCommand(String),
 }

@@ -227,7 +227,7 @@ impl Command {
     }
 
     /// Registers the command disabled, with an optional reason; see
-    /// [`Registry::set_disabled`].
+    /// [`Registry::disable`].
     pub fn disabled(mut self, reason: Option<&str>) -> Self {
         self.disabled = Some(reason.map(str::to_string));
         self
@@ -262,8 +262,12 @@ pub(crate) struct Entry {
     pub(crate) kind: Kind,
     pub(crate) allow_oob: bool,
     pub(crate) silent_success: bool,
+    /// A hint for the common case, read without the lock: false means never disabled
+    /// since the last `enable`. `state` is the truth.
     disabled: AtomicBool,
-    reason: RwLock<Option<String>>,
+    /// `Some(reason)` while disabled: the flag and its reason change together, under one
+    /// lock, so no reader sees one without the other.
+    state: RwLock<Option<Option<String>>>,
     arg_type: TypeDesc,
     ret_type: TypeDesc,
     features: Vec<String>,
@@ -275,12 +279,13 @@ impl Entry {
         if !self.disabled.load(Ordering::Acquire) {
             return None;
         }
-        Some(
-            self.reason
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-        )
+        self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_state(&self, state: Option<Option<String>>) {
+        let mut guard = self.state.write().unwrap_or_else(|e| e.into_inner());
+        self.disabled.store(state.is_some(), Ordering::Release);
+        *guard = state;
     }
 }
 
@@ -367,17 +372,35 @@ impl Registry {
         })
     }
 
-    /// Disables (`Some(reason)`) or enables (`None`) a command at run time; a disabled command
-    /// answers `CommandNotFound` `Command NAME has been disabled[: REASON]`. Returns false if
-    /// no such command exists.
+    /// Disables a command at run time, with an optional reason: it answers
+    /// `CommandNotFound` `Command NAME has been disabled[: REASON]` and leaves
+    /// `query-commands` (its schema entry stays: the schema is static, as QEMU's).
+    pub fn disable(&self, name: &str, reason: Option<&str>) -> Result<(), RegisterError> {
+        self.entry(name)?
+            .set_state(Some(reason.map(str::to_string)));
+        Ok(())
+    }
+
+    /// Enables a command again.
+    pub fn enable(&self, name: &str) -> Result<(), RegisterError> {
+        self.entry(name)?.set_state(None);
+        Ok(())
+    }
+
+    /// [`disable`](Self::disable) (`Some(reason)`) or [`enable`](Self::enable) (`None`);
+    /// returns false if no such command exists.
     pub fn set_disabled(&self, name: &str, disabled: Option<Option<&str>>) -> bool {
-        let Some(entry) = self.by_name.get(name) else {
-            return false;
-        };
-        let mut reason = entry.reason.write().unwrap_or_else(|e| e.into_inner());
-        *reason = disabled.flatten().map(str::to_string);
-        entry.disabled.store(disabled.is_some(), Ordering::Release);
-        true
+        match disabled {
+            Some(reason) => self.disable(name, reason),
+            None => self.enable(name),
+        }
+        .is_ok()
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry, RegisterError> {
+        self.by_name
+            .get(name)
+            .ok_or_else(|| RegisterError::UnknownCommand(name.to_string()))
     }
 }
 
@@ -409,7 +432,7 @@ impl RegistryBuilder {
             allow_oob: command.allow_oob,
             silent_success: command.silent_success,
             disabled: AtomicBool::new(command.disabled.is_some()),
-            reason: RwLock::new(command.disabled.flatten()),
+            state: RwLock::new(command.disabled),
             arg_type: command.arg_type,
             ret_type: command.ret_type,
             features: command.features,
@@ -515,5 +538,13 @@ mod tests {
         assert!(registry.set_disabled("x", None));
         assert!(!registry.commands().any(|c| !c.enabled));
         assert!(!registry.set_disabled("nope", None));
+        assert_eq!(
+            registry.disable("nope", None),
+            Err(RegisterError::UnknownCommand("nope".into()))
+        );
+        registry.disable("x", None).unwrap();
+        assert_eq!(registry.get("x").unwrap().disabled(), Some(None));
+        registry.enable("x").unwrap();
+        assert_eq!(registry.get("x").unwrap().disabled(), None);
     }
 }
