@@ -582,13 +582,15 @@ impl Compiler {
         base: &serde_json::Map<String, Value>,
         alternatives: &[Value],
     ) -> String {
-        let resolved: Vec<Value> = alternatives
+        // Originals are resolved (their `$ref`s guard against recursion); inlined copies
+        // are only looked into.
+        let (originals, resolved): (Vec<&Value>, Vec<Value>) = alternatives
             .iter()
-            .map(|alt| self.inline(side, alt))
-            .filter(|alt| !is_only_null(alt))
-            .collect();
+            .map(|alt| (alt, self.inline(side, alt)))
+            .filter(|(_, alt)| !is_only_null(alt))
+            .unzip();
         if resolved.len() == 1 && !base.contains_key("properties") {
-            return self.resolve(side, &resolved[0]);
+            return self.resolve(side, originals[0]);
         }
         let constants: Option<Vec<String>> =
             resolved.iter().try_fold(Vec::new(), |mut all, alt| {
@@ -604,7 +606,7 @@ impl Compiler {
         }
         let mut members: Vec<AlternateMember> = Vec::new();
         let mut kinds: Vec<&'static str> = Vec::new();
-        for alt in &resolved {
+        for alt in originals {
             let type_ = self.resolve(side, alt);
             let kind = self.json_kind(&type_);
             if kind == "any" || kinds.contains(&kind) {
