@@ -28,22 +28,24 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use qmp_dispatcher::{Command, Events, NoArgs, QmpError, QmpReturn, Registry, Server, bind_unix};
+use qmp_dispatcher::{
+    Command, Events, JsonSchema, NoArgs, QmpError, QmpReturn, Registry, Server, bind_unix,
+};
 use serde::{Deserialize, Serialize};
 
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 struct StatusInfo {
     running: bool,
     status: &'static str,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct SleepArgs {
     seconds: u64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct ScreendumpArgs {
     filename: PathBuf,

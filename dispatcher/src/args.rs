@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use crate::error::QmpError;
 
 /// Arguments of a command that takes none: any member is `Parameter 'x' is unexpected`.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NoArgs {}
 

@@ -7,7 +7,7 @@ use crate::events::Throttle;
 use crate::wire::{Limits, LineEnding};
 
 /// The version a server reports in its greeting and in `query-version`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 #[non_exhaustive]
 pub struct VersionInfo {
     /// `{"major", "minor", "micro"}`; clients such as qmp-shell print it as a QEMU version.
@@ -17,7 +17,7 @@ pub struct VersionInfo {
 }
 
 /// A `major.minor.micro` version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct VersionTriple {
     /// Major version.
     pub major: u32,

@@ -88,10 +88,13 @@ impl std::error::Error for QmpError {}
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RegisterError {
-    /// A command of that name is already registered (built-ins included).
-    #[error("command '{0}' is already registered")]
+    /// A command (built-ins included) or event of that name is already registered.
+    #[error("'{0}' is already registered")]
     AlreadyRegistered(String),
-    /// Command names must be non-empty.
-    #[error("command name must not be empty")]
+    /// Command and event names must be non-empty.
+    #[error("command and event names must not be empty")]
     EmptyName,
+    /// [`Registry::disable`](crate::Registry::disable) or `enable` named no command.
+    #[error("no command '{0}'")]
+    UnknownCommand(String),
 }

@@ -17,7 +17,7 @@
 //! use qmp_dispatcher::{Command, Events, NoArgs, QmpReturn, Registry, Server, bind_unix};
 //! use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 //!
-//! #[derive(serde::Deserialize)]
+//! #[derive(serde::Deserialize, schemars::JsonSchema)]
 //! #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 //! struct DelayArgs {
 //!     ms: u64,
@@ -100,6 +100,7 @@
 //!   validation, reply and event encoding, the [`QmpCodec`]).
 //! - [`registry`]: the command table and the typed handler constructors.
 //! - [`args`]: typed arguments with QEMU's argument-error texts.
+//! - [`schema`]: `query-qmp-schema`, derived from the handlers' Rust types.
 //! - [`mod@qmp_return`]: the reply owed to one request.
 //! - [`events`]: broadcast events with timestamps and throttling.
 //! - [`server`], [`transport`], [`config`]: serving, byte streams, limits and shutdown.
@@ -114,6 +115,7 @@ pub mod events;
 mod in_flight;
 pub mod qmp_return;
 pub mod registry;
+pub mod schema;
 pub mod server;
 mod session;
 pub mod transport;
@@ -149,6 +151,10 @@ pub use error::{ErrorClass, QmpError, RegisterError};
 pub use events::{Events, Throttle};
 pub use qmp_return::QmpReturn;
 pub use registry::{Command, CommandInfo, Handler, Registry, RegistryBuilder};
+pub use schema::{JsonSchema, SchemaInfo, TypeDesc};
+/// The JSON Schema crate the schema is derived with, for `#[schemars(crate = "qmp_dispatcher::schemars")]`
+/// in crates that derive [`JsonSchema`] without depending on it.
+pub use schemars;
 pub use server::{Admitted, ConnectionParts, Server, ServerBuilder, Stats};
 /// Returned by [`QmpReturn::cancellation_token`]: cancelled with its request.
 pub use tokio_util::sync::CancellationToken;

@@ -9,11 +9,13 @@ use std::sync::{Arc, RwLock};
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::args;
 use crate::error::{QmpError, RegisterError};
 use crate::qmp_return::QmpReturn;
+use crate::schema::{self, Declared, JsonSchema, SchemaInfo, TypeDesc};
 
 /// A command handler in its most general form: it receives the raw arguments and the
 /// [`QmpReturn`] it must answer. The typed constructors of [`Command`] wrap closures into this.
@@ -39,18 +41,48 @@ pub(crate) enum Builtin {
     QmpCapabilities,
     QueryVersion,
     QueryCommands,
+    QueryQmpSchema,
     QueryAsyncCommands,
     AsyncCommandCancel,
 }
 
 impl Builtin {
-    const ALL: [(&'static str, Builtin, bool); 5] = [
+    const ALL: [(&'static str, Builtin, bool); 6] = [
         ("qmp_capabilities", Builtin::QmpCapabilities, false),
         ("query-version", Builtin::QueryVersion, false),
         ("query-commands", Builtin::QueryCommands, false),
+        ("query-qmp-schema", Builtin::QueryQmpSchema, false),
         ("query-async-commands", Builtin::QueryAsyncCommands, true),
         ("async-command-cancel", Builtin::AsyncCommandCancel, true),
     ];
+
+    /// The built-in's argument and return types, for `query-qmp-schema`.
+    fn types(self) -> (TypeDesc, TypeDesc) {
+        use crate::schema::builtin_types as t;
+        match self {
+            Builtin::QmpCapabilities => (
+                TypeDesc::decoded::<t::QmpCapabilitiesArguments>(),
+                TypeDesc::empty(),
+            ),
+            Builtin::QueryVersion => (
+                TypeDesc::empty(),
+                TypeDesc::encoded::<crate::config::VersionInfo>(),
+            ),
+            Builtin::QueryCommands => (
+                TypeDesc::empty(),
+                TypeDesc::encoded::<Vec<t::CommandName>>(),
+            ),
+            Builtin::QueryQmpSchema => (TypeDesc::empty(), TypeDesc::encoded::<Vec<SchemaInfo>>()),
+            Builtin::QueryAsyncCommands => (
+                TypeDesc::empty(),
+                TypeDesc::encoded::<Vec<t::AsyncCommandInfo>>(),
+            ),
+            Builtin::AsyncCommandCancel => (
+                TypeDesc::decoded::<t::AsyncCommandCancelArguments>(),
+                TypeDesc::empty(),
+            ),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -59,29 +91,34 @@ pub(crate) enum Kind {
     Handler(Arc<dyn Handler>),
 }
 
-/// A command to register: a name, a handler and its QAPI flags.
+/// A command to register: a name, a handler, its QAPI flags and features, and the types
+/// `query-qmp-schema` shows for its arguments and return value.
 pub struct Command {
     name: Arc<str>,
     kind: Kind,
     allow_oob: bool,
     silent_success: bool,
     disabled: Option<Option<String>>,
+    arg_type: TypeDesc,
+    ret_type: TypeDesc,
+    features: Vec<String>,
 }
 
 impl Command {
     /// A command from a raw [`Handler`]: it gets the arguments as a JSON object and the
-    /// `QmpReturn` to answer, now or later.
+    /// `QmpReturn` to answer, now or later. Its schema says `any` for both until
+    /// [`arguments`](Self::arguments) and [`returns`](Self::returns) describe them.
     pub fn raw(name: impl Into<String>, handler: impl Handler) -> Self {
         Self::with_kind(name, Kind::Handler(Arc::new(handler)))
     }
 
     /// A command that answers at once. `A` is its argument struct (a mismatch is answered
     /// with QEMU's argument error); the result becomes `{"return": ...}` or an error reply.
-    /// Runs on the connection task: keep it quick.
+    /// Runs on the connection task: keep it quick. The schema shows `A` and `R`.
     pub fn sync<A, R, F>(name: impl Into<String>, f: F) -> Self
     where
-        A: DeserializeOwned,
-        R: Serialize,
+        A: DeserializeOwned + JsonSchema,
+        R: Serialize + JsonSchema,
         F: Fn(A) -> Result<R, QmpError> + Send + Sync + 'static,
     {
         Self::raw(name, move |arguments, ret: QmpReturn| {
@@ -90,15 +127,17 @@ impl Command {
                 Err(e) => ret.err(e),
             }
         })
+        .arguments::<A>()
+        .returns::<R>()
     }
 
     /// A command whose work is a future, run on its own task on the server's tracker (so
     /// [`crate::Server::wait`] waits for it). Cancelling the request (the client disconnects
-    /// or uses `async-command-cancel`) drops the future.
+    /// or uses `async-command-cancel`) drops the future. The schema shows `A` and `R`.
     pub fn async_fn<A, R, F, Fut>(name: impl Into<String>, f: F) -> Self
     where
-        A: DeserializeOwned,
-        R: Serialize,
+        A: DeserializeOwned + JsonSchema,
+        R: Serialize + JsonSchema,
         F: Fn(A) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<R, QmpError>> + Send + 'static,
     {
@@ -122,13 +161,16 @@ impl Command {
                 }
             });
         })
+        .arguments::<A>()
+        .returns::<R>()
     }
 
     /// A command that takes its typed arguments and the [`QmpReturn`], and answers whenever
-    /// and from wherever it likes.
+    /// and from wherever it likes. The schema shows `A`, and `any` for the return value
+    /// until [`returns`](Self::returns) names its type.
     pub fn deferred<A, F>(name: impl Into<String>, f: F) -> Self
     where
-        A: DeserializeOwned,
+        A: DeserializeOwned + JsonSchema,
         F: Fn(A, QmpReturn) + Send + Sync + 'static,
     {
         Self::raw(name, move |arguments, ret: QmpReturn| {
@@ -137,6 +179,37 @@ impl Command {
                 Err(e) => ret.err(e),
             }
         })
+        .arguments::<A>()
+    }
+
+    /// The schema shows `A`, as serde decodes it, for the arguments. For raw handlers that
+    /// decode with [`args::decode`] themselves.
+    pub fn arguments<A: JsonSchema>(self) -> Self {
+        self.arg_type(TypeDesc::decoded::<A>())
+    }
+
+    /// The schema shows `R`, as serde encodes it, for the return value (`()` is `{}`).
+    pub fn returns<R: JsonSchema>(self) -> Self {
+        self.ret_type(TypeDesc::encoded::<R>())
+    }
+
+    /// Sets the schema's argument type.
+    pub fn arg_type(mut self, desc: TypeDesc) -> Self {
+        self.arg_type = desc;
+        self
+    }
+
+    /// Sets the schema's return type.
+    pub fn ret_type(mut self, desc: TypeDesc) -> Self {
+        self.ret_type = desc;
+        self
+    }
+
+    /// Adds a QAPI feature to the command's schema entry (`deprecated`, `unstable`, or the
+    /// embedder's own).
+    pub fn feature(mut self, feature: impl Into<String>) -> Self {
+        self.features.push(feature.into());
+        self
     }
 
     /// Allows `exec-oob`: the command runs as soon as it is read and its reply may overtake
@@ -154,7 +227,7 @@ impl Command {
     }
 
     /// Registers the command disabled, with an optional reason; see
-    /// [`Registry::set_disabled`].
+    /// [`Registry::disable`].
     pub fn disabled(mut self, reason: Option<&str>) -> Self {
         self.disabled = Some(reason.map(str::to_string));
         self
@@ -167,6 +240,9 @@ impl Command {
             allow_oob: false,
             silent_success: false,
             disabled: None,
+            arg_type: TypeDesc::any(),
+            ret_type: TypeDesc::any(),
+            features: Vec::new(),
         }
     }
 }
@@ -186,8 +262,15 @@ pub(crate) struct Entry {
     pub(crate) kind: Kind,
     pub(crate) allow_oob: bool,
     pub(crate) silent_success: bool,
+    /// A hint for the common case, read without the lock: false means never disabled
+    /// since the last `enable`. `state` is the truth.
     disabled: AtomicBool,
-    reason: RwLock<Option<String>>,
+    /// `Some(reason)` while disabled: the flag and its reason change together, under one
+    /// lock, so no reader sees one without the other.
+    state: RwLock<Option<Option<String>>>,
+    arg_type: TypeDesc,
+    ret_type: TypeDesc,
+    features: Vec<String>,
 }
 
 impl Entry {
@@ -196,12 +279,13 @@ impl Entry {
         if !self.disabled.load(Ordering::Acquire) {
             return None;
         }
-        Some(
-            self.reason
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-        )
+        self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_state(&self, state: Option<Option<String>>) {
+        let mut guard = self.state.write().unwrap_or_else(|e| e.into_inner());
+        self.disabled.store(state.is_some(), Ordering::Release);
+        *guard = state;
     }
 }
 
@@ -211,6 +295,17 @@ pub struct Registry {
     by_name: HashMap<Arc<str>, Entry>,
     /// Registration order, for `query-commands` and the guest agent's `guest-info`.
     order: Vec<Arc<str>>,
+    /// Declared events, in declaration order.
+    events: Vec<Event>,
+    /// `query-qmp-schema`, computed once by [`RegistryBuilder::build`].
+    schema: schema::Compiled,
+}
+
+/// An event the registry declares, for `query-qmp-schema`.
+struct Event {
+    name: String,
+    data: TypeDesc,
+    features: Vec<String>,
 }
 
 /// Collects commands for a [`Registry`].
@@ -225,7 +320,10 @@ impl Registry {
     pub fn builder() -> RegistryBuilder {
         let mut builder = Self::bare_builder();
         for (name, builtin, allow_oob) in Builtin::ALL {
-            let mut command = Command::with_kind(name, Kind::Builtin(builtin));
+            let (arg_type, ret_type) = builtin.types();
+            let mut command = Command::with_kind(name, Kind::Builtin(builtin))
+                .arg_type(arg_type)
+                .ret_type(ret_type);
             command.allow_oob = allow_oob;
             builder.add(command).expect("built-in names are unique");
         }
@@ -239,12 +337,25 @@ impl Registry {
             registry: Registry {
                 by_name: HashMap::new(),
                 order: Vec::new(),
+                events: Vec::new(),
+                schema: schema::Compiled::default(),
             },
         }
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<&Entry> {
         self.by_name.get(name)
+    }
+
+    /// `query-qmp-schema`'s entries: every command (in registration order) and event (in
+    /// declaration order), then the types they use.
+    pub fn schema(&self) -> &[SchemaInfo] {
+        &self.schema.entries
+    }
+
+    /// `query-qmp-schema`'s reply, serialized when the registry was built.
+    pub(crate) fn schema_json(&self) -> &RawValue {
+        &self.schema.json
     }
 
     /// Names in registration order, with whether each is enabled, allows OOB, and sends a
@@ -261,17 +372,35 @@ impl Registry {
         })
     }
 
-    /// Disables (`Some(reason)`) or enables (`None`) a command at run time; a disabled command
-    /// answers `CommandNotFound` `Command NAME has been disabled[: REASON]`. Returns false if
-    /// no such command exists.
+    /// Disables a command at run time, with an optional reason: it answers
+    /// `CommandNotFound` `Command NAME has been disabled[: REASON]` and leaves
+    /// `query-commands` (its schema entry stays: the schema is static, as QEMU's).
+    pub fn disable(&self, name: &str, reason: Option<&str>) -> Result<(), RegisterError> {
+        self.entry(name)?
+            .set_state(Some(reason.map(str::to_string)));
+        Ok(())
+    }
+
+    /// Enables a command again.
+    pub fn enable(&self, name: &str) -> Result<(), RegisterError> {
+        self.entry(name)?.set_state(None);
+        Ok(())
+    }
+
+    /// [`disable`](Self::disable) (`Some(reason)`) or [`enable`](Self::enable) (`None`);
+    /// returns false if no such command exists.
     pub fn set_disabled(&self, name: &str, disabled: Option<Option<&str>>) -> bool {
-        let Some(entry) = self.by_name.get(name) else {
-            return false;
-        };
-        let mut reason = entry.reason.write().unwrap_or_else(|e| e.into_inner());
-        *reason = disabled.flatten().map(str::to_string);
-        entry.disabled.store(disabled.is_some(), Ordering::Release);
-        true
+        match disabled {
+            Some(reason) => self.disable(name, reason),
+            None => self.enable(name),
+        }
+        .is_ok()
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry, RegisterError> {
+        self.by_name
+            .get(name)
+            .ok_or_else(|| RegisterError::UnknownCommand(name.to_string()))
     }
 }
 
@@ -304,7 +433,10 @@ impl RegistryBuilder {
             allow_oob: command.allow_oob,
             silent_success: command.silent_success,
             disabled: AtomicBool::new(command.disabled.is_some()),
-            reason: RwLock::new(command.disabled.flatten()),
+            state: RwLock::new(command.disabled),
+            arg_type: command.arg_type,
+            ret_type: command.ret_type,
+            features: command.features,
         };
         self.registry.order.push(command.name.clone());
         self.registry.by_name.insert(command.name, entry);
@@ -317,8 +449,58 @@ impl RegistryBuilder {
         Ok(self)
     }
 
-    /// Finishes the registry.
-    pub fn build(self) -> Registry {
+    /// Declares an event whose data is `T` (as serde encodes it), for `query-qmp-schema`.
+    /// Emitting stays [`Events::emit`](crate::Events::emit)'s business; this only describes.
+    pub fn event<T: JsonSchema>(&mut self, name: &str) -> Result<&mut Self, RegisterError> {
+        self.declare_event(name, TypeDesc::encoded::<T>(), &[])
+    }
+
+    /// Declares an event that carries no `data` (QEMU's `STOP`, `RESUME`, `POWERDOWN`).
+    pub fn event_without_data(&mut self, name: &str) -> Result<&mut Self, RegisterError> {
+        self.declare_event(name, TypeDesc::empty(), &[])
+    }
+
+    /// Declares an event with its data type and QAPI features.
+    pub fn declare_event(
+        &mut self,
+        name: &str,
+        data: TypeDesc,
+        features: &[&str],
+    ) -> Result<&mut Self, RegisterError> {
+        if name.is_empty() {
+            return Err(RegisterError::EmptyName);
+        }
+        if self.registry.events.iter().any(|e| e.name == name) {
+            return Err(RegisterError::AlreadyRegistered(name.to_string()));
+        }
+        self.registry.events.push(Event {
+            name: name.to_string(),
+            data,
+            features: features.iter().map(|f| f.to_string()).collect(),
+        });
+        Ok(self)
+    }
+
+    /// Finishes the registry, computing and serializing its schema once.
+    pub fn build(mut self) -> Registry {
+        let registry = &self.registry;
+        let commands = registry.order.iter().map(|name| {
+            let entry = &registry.by_name[name];
+            Declared::Command {
+                name,
+                arg: entry.arg_type,
+                ret: entry.ret_type,
+                allow_oob: entry.allow_oob,
+                features: &entry.features,
+            }
+        });
+        let events = registry.events.iter().map(|event| Declared::Event {
+            name: &event.name,
+            arg: event.data,
+            features: &event.features,
+        });
+        let compiled = schema::build(commands.chain(events));
+        self.registry.schema = compiled;
         self.registry
     }
 }
@@ -357,5 +539,13 @@ mod tests {
         assert!(registry.set_disabled("x", None));
         assert!(!registry.commands().any(|c| !c.enabled));
         assert!(!registry.set_disabled("nope", None));
+        assert_eq!(
+            registry.disable("nope", None),
+            Err(RegisterError::UnknownCommand("nope".into()))
+        );
+        registry.disable("x", None).unwrap();
+        assert_eq!(registry.get("x").unwrap().disabled(), Some(None));
+        registry.enable("x").unwrap();
+        assert_eq!(registry.get("x").unwrap().disabled(), None);
     }
 }

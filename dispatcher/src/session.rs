@@ -422,6 +422,10 @@ impl Session {
                         .collect(),
                 )
             }
+            Builtin::QueryQmpSchema => {
+                no_args(arguments)?;
+                return Ok(self.shared.registry.schema_json().to_owned());
+            }
             Builtin::QueryAsyncCommands => {
                 no_args(arguments)?;
                 let rows: Vec<InFlightRow<'_>> =

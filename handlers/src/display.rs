@@ -227,7 +227,9 @@ fn bounce(millis: u64, travel: usize, crossing_ms: u64) -> usize {
 
 /// File format of a screenshot, named as in QEMU's `screendump` `format`
 /// argument (`"ppm"` or `"png"`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
     /// Binary portable pixmap (P6), QEMU's default.

@@ -4,17 +4,35 @@
 use std::time::Duration;
 
 use qmp_dispatcher::{Command, NoArgs, QmpError};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+
+/// A yank instance, QEMU's `YankInstance` flat union (tagged by `type`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum YankInstance {
+    /// A block node.
+    BlockNode {
+        /// The node's name.
+        #[serde(rename = "node-name")]
+        node_name: String,
+    },
+    /// A character device.
+    Chardev {
+        /// The chardev's id.
+        id: String,
+    },
+    /// The migration stream.
+    Migration,
+}
 
 /// `query-yank`: lists yank instances (this demo has none). Allows OOB, so `exec-oob` works on
 /// a real QEMU command.
 pub fn query_yank() -> Command {
-    Command::sync("query-yank", |_: NoArgs| Ok(json!([]))).allow_oob()
+    Command::sync("query-yank", |_: NoArgs| Ok(Vec::<YankInstance>::new())).allow_oob()
 }
 
 /// `x-delay` arguments.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DelayArgs {
     /// How long to wait before replying.
@@ -26,6 +44,6 @@ pub struct DelayArgs {
 pub fn x_delay() -> Command {
     Command::async_fn("x-delay", |args: DelayArgs| async move {
         tokio::time::sleep(Duration::from_millis(args.ms)).await;
-        Ok::<_, QmpError>(json!({}))
+        Ok::<_, QmpError>(())
     })
 }

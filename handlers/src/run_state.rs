@@ -7,10 +7,9 @@ use qmp_dispatcher::{
     Command, Events, NoArgs, QmpError, QmpReturn, RegisterError, RegistryBuilder,
 };
 use serde::Serialize;
-use serde_json::json;
 
 /// QEMU's `RunState` values a simple VMM goes through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Status {
     /// Guest is running.
@@ -22,7 +21,7 @@ pub enum Status {
 }
 
 /// `query-status` result.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct StatusInfo {
     /// True while the guest runs.
     pub running: bool,
@@ -32,13 +31,22 @@ pub struct StatusInfo {
 
 /// Why the host shut the VM down: QEMU's `ShutdownCause`, as `SHUTDOWN` reports it in
 /// `reason`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum HostShutdown {
     /// The `quit` command.
     HostQmpQuit,
     /// SIGTERM, SIGINT or SIGHUP.
     HostSignal,
+}
+
+/// `SHUTDOWN` event data, as QEMU sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+pub struct ShutdownData {
+    /// True if the guest asked for the shutdown.
+    pub guest: bool,
+    /// Why.
+    pub reason: HostShutdown,
 }
 
 /// The VM's run state, shared by the commands that read and change it. Emits `STOP`,
@@ -101,8 +109,12 @@ impl RunState {
     /// queued to every client before the connections close.
     pub fn host_shutdown(&self, reason: HostShutdown) {
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = Status::Shutdown;
-        self.events
-            .emit("SHUTDOWN", Some(json!({"guest": false, "reason": reason})));
+        let data = ShutdownData {
+            guest: false,
+            reason,
+        };
+        let data = serde_json::to_value(data).expect("event data serializes");
+        self.events.emit("SHUTDOWN", Some(data));
     }
 
     /// `quit`: emits `SHUTDOWN` (reason `host-qmp-quit`), replies, then calls `on_quit`
@@ -112,12 +124,14 @@ impl RunState {
         let state = self.clone();
         Command::deferred("quit", move |_: NoArgs, ret: QmpReturn| {
             state.host_shutdown(HostShutdown::HostQmpQuit);
-            ret.ok(&json!({}));
+            ret.reply(Ok(()));
             on_quit();
         })
+        .returns::<()>()
     }
 
-    /// Registers `query-status`, `stop`, `cont` and `system_powerdown`.
+    /// Registers `query-status`, `stop`, `cont` and `system_powerdown`, and declares the
+    /// events `SHUTDOWN`, `STOP`, `RESUME` and `POWERDOWN`.
     pub fn register(&self, builder: &mut RegistryBuilder) -> Result<(), RegisterError> {
         let state = self.clone();
         builder.add(Command::sync("query-status", move |_: NoArgs| {
@@ -130,17 +144,20 @@ impl RunState {
         let state = self.clone();
         builder.add(Command::sync("stop", move |_: NoArgs| {
             state.stop();
-            Ok(json!({}))
+            Ok(())
         }))?;
         let state = self.clone();
-        builder.add(Command::sync("cont", move |_: NoArgs| {
-            state.cont().map(|()| json!({}))
-        }))?;
+        builder.add(Command::sync("cont", move |_: NoArgs| state.cont()))?;
         let state = self.clone();
         builder.add(Command::sync("system_powerdown", move |_: NoArgs| {
             state.powerdown();
-            Ok(json!({}))
+            Ok(())
         }))?;
+        builder
+            .event::<ShutdownData>("SHUTDOWN")?
+            .event_without_data("STOP")?
+            .event_without_data("RESUME")?
+            .event_without_data("POWERDOWN")?;
         Ok(())
     }
 }

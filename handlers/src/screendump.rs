@@ -27,7 +27,7 @@ use crate::display::{
 };
 
 /// `screendump` arguments, as QEMU's schema has them.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ScreendumpArgs {
     /// Where to write the image.
@@ -111,6 +111,7 @@ impl Screendump {
             let dumper = Arc::clone(&dumper);
             ret.spawn(move |ret| dumper.dump(args, ret));
         })
+        .returns::<()>()
     }
 
     /// One dump, from opening the file to the reply. Whether it was cancelled or completed

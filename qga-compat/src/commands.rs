@@ -68,13 +68,15 @@ pub(crate) fn guest_info(version: String, server: ServerSlot) -> Command {
 }
 
 /// The reply of `guest-info`; members in qemu-ga's output order.
-#[derive(Serialize)]
+#[derive(Serialize, qmp_dispatcher::JsonSchema)]
+#[schemars(crate = "qmp_dispatcher::schemars")]
 struct GuestAgentInfo {
     version: String,
     supported_commands: Vec<CommandEntry>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, qmp_dispatcher::JsonSchema)]
+#[schemars(crate = "qmp_dispatcher::schemars")]
 struct CommandEntry {
     enabled: bool,
     name: String,

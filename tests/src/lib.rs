@@ -133,13 +133,13 @@ pub const HANDLER_PANIC: &str = "test handler panics on purpose";
 /// The panic message of the `async-panic` test command.
 pub const FUTURE_PANIC: &str = "test future panics on purpose";
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct HoldArgs {
     key: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct DelayArgs {
     ms: u64,

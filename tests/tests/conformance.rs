@@ -219,7 +219,7 @@ impl Qsd {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct BlockJobArgs {
     device: String,
@@ -227,7 +227,7 @@ struct BlockJobArgs {
     force: Option<bool>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct BlockJobSetSpeedArgs {
     device: String,
@@ -235,7 +235,7 @@ struct BlockJobSetSpeedArgs {
     speed: i64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct IdArgs {
     id: String,
@@ -243,7 +243,7 @@ struct IdArgs {
 
 /// `BlockdevOptions`, flattened: the discriminator `driver` and the members of the drivers
 /// the transcripts use.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 #[allow(dead_code)]
 struct BlockdevOptions {
@@ -255,7 +255,7 @@ struct BlockdevOptions {
     image: Option<Box<BlockdevOptions>>,
 }
 
-#[derive(Deserialize, PartialEq, Eq)]
+#[derive(Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 enum BlockdevDriver {
     Blkdebug,
@@ -266,13 +266,13 @@ enum BlockdevDriver {
     Qcow2,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct NodeNameArgs {
     node_name: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 #[allow(dead_code)]
 struct BlockdevBackupArgs {
@@ -282,7 +282,7 @@ struct BlockdevBackupArgs {
     sync: MirrorSyncMode,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 enum MirrorSyncMode {
     Top,
@@ -292,7 +292,7 @@ enum MirrorSyncMode {
     Bitmap,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct TransactionArgs {
     actions: Vec<TransactionAction>,
@@ -300,7 +300,7 @@ struct TransactionArgs {
 
 /// A transaction action with its discriminator kept as a string: QEMU names a bad union
 /// discriminator by its bare member name (`'type'`), not by its path in the list.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct TransactionAction {
     #[serde(rename = "type")]
@@ -309,7 +309,7 @@ struct TransactionAction {
     data: Option<Value>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct WriteThresholdArgs {
     node_name: String,
@@ -317,7 +317,7 @@ struct WriteThresholdArgs {
     write_threshold: QapiUint64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 #[allow(dead_code)]
 struct DirtyBitmapAddArgs {
@@ -326,7 +326,7 @@ struct DirtyBitmapAddArgs {
     granularity: Option<u32>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 #[allow(dead_code)]
 struct BlockResizeArgs {
@@ -335,7 +335,7 @@ struct BlockResizeArgs {
     size: i64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 #[allow(dead_code)]
 struct QomGetArgs {
@@ -343,7 +343,7 @@ struct QomGetArgs {
     property: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 #[allow(dead_code)]
 struct QueryNamedBlockNodesArgs {
@@ -352,6 +352,7 @@ struct QueryNamedBlockNodesArgs {
 
 /// QAPI's `uint64` as QEMU's input visitor reads it: any integer (a negative one wraps), and
 /// anything else is `Parameter '...' expects uint64` rather than a type error.
+#[derive(schemars::JsonSchema)]
 struct QapiUint64(#[allow(dead_code)] u64);
 
 impl<'de> Deserialize<'de> for QapiUint64 {
