@@ -424,7 +424,9 @@ impl Session {
             }
             Builtin::QueryQmpSchema => {
                 no_args(arguments)?;
-                return Ok(self.shared.registry.schema_json().to_owned());
+                return Ok(Bytes::copy_from_slice(
+                    self.shared.registry.schema_json().get().as_bytes(),
+                ));
             }
             Builtin::QueryAsyncCommands => {
                 no_args(arguments)?;
