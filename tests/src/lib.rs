@@ -218,6 +218,18 @@ pub fn test_commands(builder: &mut RegistryBuilder, holds: &Holds) {
         .unwrap();
 }
 
+/// The resident set size of this process, in bytes (`VmRSS` in `/proc/self/status`).
+pub fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS in kB");
+    kib << 10
+}
+
 /// A server on a Unix socket in a scratch directory.
 pub struct TestServer {
     /// The server, for stats, events and shutdown.

@@ -6,22 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use qmp_tests::TestServer;
+use qmp_tests::{TestServer, rss};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
-
-/// The resident set size of this process, in bytes.
-fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("VmRSS in kB");
-    kib << 10
-}
 
 /// Requests the flooder would send if never stopped (each draws a ~4 KiB reply): 80 MiB.
 const FLOOD_REQUESTS: u64 = 20_000;

@@ -4,23 +4,12 @@
 use std::time::Duration;
 
 use qmp_dispatcher::config::MEMORY_FLOOR;
-use qmp_tests::TestServer;
+use qmp_tests::{TestServer, rss};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 const MIB: usize = 1 << 20;
-
-/// This process's resident set, in bytes.
-fn rss() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib: usize = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib * 1024
-}
 
 /// Writes an unterminated string as long as the server reads it, up to `total` bytes.
 async fn stream_unterminated(socket: &std::path::Path, total: usize) -> UnixStream {
@@ -62,7 +51,7 @@ async fn the_server_wide_budget_stops_reading_and_others_are_still_served() {
     );
     // The process as a whole grew by no more than the formula, plus allocator slack and the
     // test's own buffers; without the budget the six would hold 48 MiB of strings.
-    let grown = rss().saturating_sub(before);
+    let grown = rss().saturating_sub(before) as usize;
     assert!(
         grown <= bound + 16 * MIB,
         "RSS grew by {grown} bytes, bound {bound}"

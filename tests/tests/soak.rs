@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qmp_dispatcher::QmpReturn;
-use qmp_tests::{Client, TestServer};
+use qmp_tests::{Client, TestServer, rss};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -20,21 +20,6 @@ const MAX_REQUESTS: u64 = 24;
 const WARM_UP_CLIENTS: u64 = 60;
 /// How much the resident set may have grown after the chaos round, once everything is gone.
 const RSS_SLACK: u64 = 20 << 20;
-
-/// The resident set size of this process, in bytes.
-fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .expect("a VmRSS line");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .expect("VmRSS in kB");
-    kib << 10
-}
 
 /// A small deterministic generator, one per client, so a failure can be replayed.
 struct Rng(u64);
