@@ -112,6 +112,7 @@ pub mod config;
 mod connection;
 pub mod error;
 pub mod events;
+pub mod fd;
 mod in_flight;
 pub mod qmp_return;
 pub mod registry;

@@ -1,10 +1,14 @@
 //! Byte streams a server can serve: Unix and TCP sockets, or any `AsyncRead + AsyncWrite`.
 
 use std::future::Future;
+use std::io;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadHalf, WriteHalf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Interest, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, UnixStream, tcp, unix};
+
+use crate::fd::{Received, RecvState};
 
 /// A connection's byte stream, split into halves for the connection loop.
 pub trait Transport: Send + 'static {
@@ -34,6 +38,18 @@ pub trait Transport: Send + 'static {
     fn has_departed(reader: &Self::Reader) -> bool {
         let _ = reader;
         false
+    }
+
+    /// Reads more input into `buf`, with the file descriptors that came with it where the
+    /// transport can carry them (Unix sockets, SCM_RIGHTS; see [`crate::fd::recv`]). The
+    /// default reads bytes only: on TCP and other streams no fd can arrive.
+    fn read_with_fds<'a>(
+        reader: &'a mut Self::Reader,
+        buf: &'a mut BytesMut,
+        state: &'a mut RecvState,
+    ) -> impl Future<Output = io::Result<Received>> + Send + 'a {
+        let _ = state;
+        async move { reader.read_buf(buf).await.map(Received::bytes) }
     }
 }
 
@@ -66,6 +82,28 @@ impl Transport for UnixStream {
     fn has_departed(reader: &Self::Reader) -> bool {
         use std::os::fd::AsFd;
         hung_up(reader.as_ref().as_fd())
+    }
+
+    #[allow(clippy::manual_async_fn)] // The trait promises a `Send` future.
+    fn read_with_fds<'a>(
+        reader: &'a mut Self::Reader,
+        buf: &'a mut BytesMut,
+        state: &'a mut RecvState,
+    ) -> impl Future<Output = io::Result<Received>> + Send + 'a {
+        use std::os::fd::AsFd;
+        async move {
+            let stream: &UnixStream = reader.as_ref();
+            loop {
+                stream.readable().await?;
+                let read = stream.try_io(Interest::READABLE, || {
+                    crate::fd::recv::recv_with_fds(stream.as_fd(), buf, state)
+                });
+                match read {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    read => return read,
+                }
+            }
+        }
     }
 }
 

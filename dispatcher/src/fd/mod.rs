@@ -1,0 +1,56 @@
+//! File descriptors passed by clients over Unix sockets (SCM_RIGHTS), as QEMU's monitor
+//! takes them: `getfd`/`closefd` name fds per connection, `add-fd`/`remove-fd`/`query-fdsets`
+//! keep server-wide fd sets that handlers open as `/dev/fdset/N`.
+//!
+//! The pieces, one concern each:
+//! - [`recv`]: reading a Unix socket with `recvmsg`, taking the fds that came with the bytes.
+//! - `positional`: which command gets which fd: fds are attached to the byte position where
+//!   they arrived and become the connection's pending fds when the decoder reaches it.
+//! - `named`: one connection's named fds (`getfd`, `closefd`).
+//! - `sets`: the server's fd sets (`add-fd`, `remove-fd`, `query-fdsets`, `/dev/fdset/N`).
+//!
+//! Every fd is held as an [`OwnedFd`](std::os::fd::OwnedFd), so whatever path drops it
+//! (a replaced pending fd, a failed `getfd`, a disconnect) closes it.
+
+pub mod recv;
+
+pub(crate) mod named;
+pub(crate) mod positional;
+pub(crate) mod sets;
+
+pub use recv::{Received, RecvState};
+pub use sets::{Access, FdsetFile, is_fdset_path};
+
+/// The caps on passed file descriptors. QEMU has only the first; the others bound what one
+/// client can make the server hold. Each refusal is a clear error, never a silent leak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FdLimits {
+    /// Fds one `sendmsg` may carry: QEMU's `TCP_MAX_FDS`, 16. A message with more is refused
+    /// whole: its fds are closed and the next `getfd`/`add-fd` says why.
+    pub per_message: usize,
+    /// Fds one connection may hold received but not yet claimed (the pending slot plus
+    /// arrivals read ahead of the decoder).
+    pub pending_per_connection: usize,
+    /// Named fds (`getfd`) one connection may hold.
+    pub named_per_connection: usize,
+    /// Fd sets a server may hold.
+    pub fdsets_per_server: usize,
+    /// Fds all fd sets of a server may hold together.
+    pub fdset_fds_per_server: usize,
+}
+
+/// QEMU's per-message cap.
+pub const MAX_FDS_PER_MESSAGE: usize = 16;
+
+impl Default for FdLimits {
+    fn default() -> Self {
+        FdLimits {
+            per_message: MAX_FDS_PER_MESSAGE,
+            pending_per_connection: 64,
+            named_per_connection: 256,
+            fdsets_per_server: 256,
+            fdset_fds_per_server: 1024,
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Reading a Unix socket with `recvmsg`, taking the SCM_RIGHTS fds that came with the bytes
+//! and the byte they came with.
+//!
+//! Linux hands a `sendmsg`'s fds to the `recvmsg` that reads the first byte of it, but one
+//! `recvmsg` also takes the fd-less bytes queued before that `sendmsg`, so a large read
+//! does not say which of its bytes the fds came with. QEMU avoids the question by reading one
+//! byte per call. This reader reads in large pieces until a connection first passes fds;
+//! from then on it peeks before each read, and when fds are queued it reads up to them one
+//! byte at a time (at most [`STEP_LIMIT`] bytes), so each fd is placed on the first byte of
+//! its `sendmsg` exactly. A connection that never passes fds pays nothing for this.
+//!
+//! Every fd is received with close-on-exec set (`MSG_CMSG_CLOEXEC`), and its `O_NONBLOCK`
+//! flag is cleared, as QEMU does: a handler gets a blocking fd whatever the client used.
+//! (The flag lives on the open file description, so the client's own copy changes too.)
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use bytes::BytesMut;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+
+use super::MAX_FDS_PER_MESSAGE;
+
+/// Bytes a peeked read steps through one at a time to find the byte its fds came with.
+/// Beyond this, the fds are placed on the first byte of the next read (a client would
+/// have to queue this much ahead of an fd without waiting for replies).
+pub const STEP_LIMIT: usize = 512;
+
+/// The largest read, whatever room the buffer has.
+const MAX_READ: usize = 64 * 1024;
+
+/// A connection's receiving state: whether it reads exactly yet, and its control buffer.
+#[derive(Debug)]
+pub struct RecvState {
+    /// The connection has passed fds: find the exact byte of every later arrival.
+    exact: bool,
+    /// Room for exactly the fds one message may carry, reused by every read: with no
+    /// padding, a message with one more sets `MSG_CTRUNC`.
+    control: Vec<u8>,
+}
+
+impl Default for RecvState {
+    fn default() -> Self {
+        RecvState::new(MAX_FDS_PER_MESSAGE)
+    }
+}
+
+impl RecvState {
+    /// A reader that accepts up to `per_message` fds in one message.
+    pub fn new(per_message: usize) -> Self {
+        let header = std::mem::size_of::<nix::libc::cmsghdr>();
+        let align = std::mem::size_of::<usize>();
+        // CMSG_LEN, not CMSG_SPACE: the kernel fits as many fds as the length allows, and
+        // the alignment padding of CMSG_SPACE could hold one more.
+        let len = header.div_ceil(align) * align + per_message.max(1) * size_of::<RawFd>();
+        RecvState {
+            exact: false,
+            control: vec![0u8; len],
+        }
+    }
+
+    /// Whether the connection has passed fds, so reads now peek first.
+    pub fn is_exact(&self) -> bool {
+        self.exact
+    }
+}
+
+/// What one read brought: bytes appended to the buffer, and the fds that came with one of
+/// them.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct Received {
+    /// Bytes appended; 0 means end of stream.
+    pub len: usize,
+    /// Index, among the appended bytes, of the byte the fds came with (0 when there are
+    /// none).
+    pub fds_at: usize,
+    /// The fds, close-on-exec and blocking.
+    pub fds: Vec<OwnedFd>,
+    /// The message carried more fds than the limit allows. Those that fit are in `fds`;
+    /// the kernel closed the rest. The caller refuses the arrival as a whole.
+    pub truncated: bool,
+}
+
+impl Received {
+    /// Plain bytes without fds: what any other transport reads.
+    pub fn bytes(len: usize) -> Self {
+        Received {
+            len,
+            ..Received::default()
+        }
+    }
+
+    /// True when fds arrived (or were refused for being too many).
+    pub fn has_fds(&self) -> bool {
+        !self.fds.is_empty() || self.truncated
+    }
+}
+
+/// Reads from a non-blocking Unix stream socket into `buf`'s spare room (at most
+/// [`MAX_READ`]), taking fds as the module describes. `WouldBlock` when nothing is queued.
+pub fn recv_with_fds(
+    socket: BorrowedFd<'_>,
+    buf: &mut BytesMut,
+    state: &mut RecvState,
+) -> io::Result<Received> {
+    let room = (buf.capacity() - buf.len()).clamp(1, MAX_READ);
+    if !state.exact {
+        let received = read_into(socket, buf, room, &mut state.control)?;
+        if received.has_fds() {
+            state.exact = true;
+        }
+        return Ok(received);
+    }
+    let peeked = peek(socket, buf, room, &mut state.control)?;
+    if peeked.len == 0 {
+        return Ok(Received::bytes(0));
+    }
+    if !peeked.has_fds() {
+        // Nothing queued up to `peeked.len` carries fds; reading that much reads no more.
+        return read_into(socket, buf, peeked.len, &mut state.control);
+    }
+    step_to_fds(socket, buf, peeked.len, state)
+}
+
+/// Reads one byte at a time until the byte that brings the fds, then returns it with them.
+fn step_to_fds(
+    socket: BorrowedFd<'_>,
+    buf: &mut BytesMut,
+    peeked: usize,
+    state: &mut RecvState,
+) -> io::Result<Received> {
+    let mut stepped = 0;
+    let steps = peeked.min(STEP_LIMIT);
+    while stepped < steps {
+        let received = match read_into(socket, buf, 1, &mut state.control) {
+            // Bytes already taken must reach the caller; EOF or the error recurs next time.
+            Err(_) | Ok(Received { len: 0, .. }) if stepped > 0 => {
+                return Ok(Received::bytes(stepped));
+            }
+            Ok(received) => received,
+            Err(e) => return Err(e),
+        };
+        if received.has_fds() {
+            return Ok(Received {
+                len: stepped + 1,
+                fds_at: stepped,
+                ..received
+            });
+        }
+        if received.len == 0 {
+            return Ok(received);
+        }
+        stepped += 1;
+    }
+    if stepped == peeked {
+        // The fds lie beyond what was peeked.
+        return Ok(Received::bytes(stepped));
+    }
+    // Stepped out: the rest is read at once, and its fds placed on its first byte.
+    let rest = match read_into(socket, buf, peeked - stepped, &mut state.control) {
+        Ok(rest) => rest,
+        Err(_) if stepped > 0 => return Ok(Received::bytes(stepped)),
+        Err(e) => return Err(e),
+    };
+    Ok(Received {
+        len: stepped + rest.len,
+        fds_at: stepped,
+        ..rest
+    })
+}
+
+/// Peeks at up to `room` queued bytes: how many there are up to the first fd-carrying
+/// message, and whether one is among them. The peeked fds are copies and closed at once.
+fn peek(
+    socket: BorrowedFd<'_>,
+    buf: &mut BytesMut,
+    room: usize,
+    control: &mut [u8],
+) -> io::Result<Received> {
+    let start = buf.len();
+    let received = receive(socket, buf, room, control, MsgFlags::MSG_PEEK);
+    buf.truncate(start);
+    received
+}
+
+/// One `recvmsg` of at most `room` bytes, appended to `buf`.
+fn read_into(
+    socket: BorrowedFd<'_>,
+    buf: &mut BytesMut,
+    room: usize,
+    control: &mut [u8],
+) -> io::Result<Received> {
+    receive(socket, buf, room, control, MsgFlags::empty())
+}
+
+fn receive(
+    socket: BorrowedFd<'_>,
+    buf: &mut BytesMut,
+    room: usize,
+    control: &mut [u8],
+    flags: MsgFlags,
+) -> io::Result<Received> {
+    let start = buf.len();
+    // recvmsg needs initialised memory; zeroing one read's room is cheap next to the call.
+    buf.resize(start + room, 0);
+    let flags = flags | MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT;
+    let mut iov = [io::IoSliceMut::new(&mut buf[start..])];
+    let result = recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(control), flags);
+    let (len, mut fds, truncated) = match result {
+        Ok(msg) => {
+            let mut fds = Vec::new();
+            // Adopt every fd first, so none leaks whatever follows.
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for cmsg in cmsgs {
+                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                        fds.extend(raw.into_iter().map(adopt));
+                    }
+                }
+            }
+            (msg.bytes, fds, msg.flags.contains(MsgFlags::MSG_CTRUNC))
+        }
+        Err(errno) => {
+            buf.truncate(start);
+            return Err(errno.into());
+        }
+    };
+    buf.truncate(start + len);
+    if !flags.contains(MsgFlags::MSG_PEEK) {
+        for fd in &fds {
+            clear_nonblocking(fd.as_fd());
+        }
+    } else {
+        // Peeked fds only say that fds are queued; the real read brings its own copies.
+        let peeked = !fds.is_empty();
+        fds.clear();
+        if peeked {
+            return Ok(Received {
+                len,
+                truncated: true,
+                ..Received::default()
+            });
+        }
+    }
+    Ok(Received {
+        len,
+        fds_at: 0,
+        fds,
+        truncated,
+    })
+}
+
+/// Takes ownership of an fd the kernel has just installed in this process.
+#[allow(unsafe_code)]
+fn adopt(raw: RawFd) -> OwnedFd {
+    // SAFETY: `raw` comes from an SCM_RIGHTS message this process just received: the kernel
+    // installed it for us, it is open, and nothing else in the process knows its number.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
+/// Clears `O_NONBLOCK`, as QEMU does for every fd it receives.
+fn clear_nonblocking(fd: BorrowedFd<'_>) {
+    if let Ok(bits) = fcntl(fd, FcntlArg::F_GETFL) {
+        let flags = OFlag::from_bits_retain(bits);
+        if flags.contains(OFlag::O_NONBLOCK) {
+            let _ = fcntl(fd, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use nix::sys::socket::{ControlMessage, sendmsg};
+
+    use super::*;
+
+    fn pair() -> (UnixStream, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        (a, b)
+    }
+
+    fn send(socket: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+        let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        let iov = [io::IoSlice::new(bytes)];
+        let cmsgs = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsgs };
+        sendmsg::<()>(socket.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None).unwrap();
+    }
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        nix::unistd::pipe().unwrap()
+    }
+
+    /// Reads everything queued, as (bytes, [(absolute offset, fd count)]).
+    fn drain(socket: &UnixStream, state: &mut RecvState) -> (Vec<u8>, Vec<(usize, usize)>) {
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut arrivals = Vec::new();
+        loop {
+            let before = buf.len();
+            match recv_with_fds(socket.as_fd(), &mut buf, state) {
+                Ok(r) if r.len == 0 => break,
+                Ok(r) => {
+                    if r.has_fds() {
+                        arrivals.push((before + r.fds_at, r.fds.len()));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+            if buf.capacity() - buf.len() < 16 {
+                buf.reserve(4096);
+            }
+        }
+        (buf.to_vec(), arrivals)
+    }
+
+    #[test]
+    fn fds_are_placed_on_the_first_byte_of_their_sendmsg_once_exact() {
+        let (client, server) = pair();
+        let (_r, w) = pipe();
+        let mut state = RecvState::default();
+        // The first arrival switches the connection to exact reads.
+        send(&client, b" ", &[w.as_fd()]);
+        let (bytes, arrivals) = drain(&server, &mut state);
+        assert_eq!(
+            (bytes.as_slice(), arrivals.as_slice()),
+            (&b" "[..], &[(0, 1)][..])
+        );
+        assert!(state.is_exact());
+        // Fd-less bytes queued before an fd message no longer hide its position.
+        send(&client, b"{\"execute\": \"getfd\"}", &[]);
+        send(&client, b" ", &[w.as_fd()]);
+        send(&client, b"{\"x\": 1}", &[w.as_fd(), w.as_fd()]);
+        send(&client, b"tail", &[]);
+        let (bytes, arrivals) = drain(&server, &mut state);
+        assert_eq!(bytes, b"{\"execute\": \"getfd\"} {\"x\": 1}tail");
+        assert_eq!(arrivals, [(20, 1), (21, 2)]);
+    }
+
+    #[test]
+    fn received_fds_are_cloexec_and_blocking() {
+        let (client, server) = pair();
+        let (_r, w) = pipe();
+        let flags = OFlag::from_bits_retain(fcntl(w.as_fd(), FcntlArg::F_GETFL).unwrap());
+        fcntl(w.as_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).unwrap();
+        send(&client, b"x", &[w.as_fd()]);
+        let mut buf = BytesMut::with_capacity(64);
+        let received = recv_with_fds(server.as_fd(), &mut buf, &mut RecvState::default()).unwrap();
+        let fd = &received.fds[0];
+        let fl = OFlag::from_bits_retain(fcntl(fd.as_fd(), FcntlArg::F_GETFL).unwrap());
+        assert!(!fl.contains(OFlag::O_NONBLOCK));
+        let fdfl = fcntl(fd.as_fd(), FcntlArg::F_GETFD).unwrap();
+        assert_ne!(fdfl & libc_fd_cloexec(), 0);
+    }
+
+    fn libc_fd_cloexec() -> i32 {
+        nix::fcntl::FdFlag::FD_CLOEXEC.bits()
+    }
+
+    #[test]
+    fn more_fds_than_the_limit_are_reported_truncated() {
+        let (client, server) = pair();
+        let (_r, w) = pipe();
+        let fds: Vec<BorrowedFd<'_>> = (0..3).map(|_| w.as_fd()).collect();
+        send(&client, b"x", &fds);
+        let mut buf = BytesMut::with_capacity(64);
+        let received = recv_with_fds(server.as_fd(), &mut buf, &mut RecvState::new(2)).unwrap();
+        assert!(received.truncated);
+        assert!(received.fds.len() <= 2);
+    }
+
+    #[test]
+    fn a_long_prefix_is_stepped_through_only_up_to_the_limit() {
+        let (client, server) = pair();
+        let (_r, w) = pipe();
+        let mut state = RecvState::default();
+        send(&client, b" ", &[w.as_fd()]);
+        drain(&server, &mut state);
+        let prefix = vec![b' '; STEP_LIMIT + 100];
+        send(&client, &prefix, &[]);
+        send(&client, b"{}", &[w.as_fd()]);
+        let (bytes, arrivals) = drain(&server, &mut state);
+        assert_eq!(bytes.len(), STEP_LIMIT + 102);
+        // Placed at or before the exact byte, never after it.
+        assert_eq!(arrivals.len(), 1);
+        assert!(arrivals[0].0 <= STEP_LIMIT + 100, "{arrivals:?}");
+    }
+}
