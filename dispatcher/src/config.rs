@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::events::Throttle;
+use crate::fd::FdLimits;
 use crate::wire::{Limits, LineEnding};
 
 /// The version a server reports in its greeting and in `query-version`.
@@ -191,6 +192,8 @@ pub struct Config {
     pub event_queue: usize,
     /// Rate limits by event name.
     pub throttles: HashMap<String, Throttle>,
+    /// Caps on file descriptors passed by clients (see [`crate::fd`]).
+    pub fd_limits: FdLimits,
 }
 
 impl Default for Config {
@@ -209,6 +212,7 @@ impl Default for Config {
             output_high_water: DEFAULT_OUTPUT_HIGH_WATER,
             event_queue: DEFAULT_EVENT_QUEUE,
             throttles: HashMap::new(),
+            fd_limits: FdLimits::default(),
         }
     }
 }

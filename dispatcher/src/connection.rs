@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{IDLE_CAPACITY, LARGE_FRAME, MEMORY_FLOOR};
 use crate::context::ClientInfo;
+use crate::fd::{Received, RecvState};
 use crate::qmp_return::Outgoing;
 use crate::server::{ConnectionParts, Shared};
 use crate::session::Session;
@@ -58,11 +59,16 @@ pub(crate) struct Connection<'p, T: Transport, C> {
     /// Bytes this connection has counted against the server's memory budget.
     accounted: usize,
     client: u64,
+    /// How this connection's socket is read for fds.
+    recv: RecvState,
+    /// Stream offset just past the last byte read: with `read_buf`'s length it gives the
+    /// offset of every byte the decoder consumes, which the fd positions refer to.
+    read_total: u64,
 }
 
 /// What a read brought.
 enum Input {
-    Data,
+    Data(Received),
     Eof,
     Departed,
 }
@@ -79,6 +85,9 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
         let (reader, writer) = transport.split();
         let (outbox_tx, outbox) = mpsc::unbounded_channel();
         let session = Session::new(Arc::clone(&shared), info, outbox_tx, cancel.clone());
+        let recv = RecvState::new(shared.config.fd_limits.per_message);
+        // Input a previous connection left in the parts counts as read already.
+        let read_total = parts.read_buf.len() as u64;
         Connection {
             shared,
             reader,
@@ -93,6 +102,8 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
             input_drained: false,
             accounted: 0,
             client,
+            recv,
+            read_total,
         }
     }
 
@@ -136,9 +147,10 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
                 input = read_or_watch::<T>(
                     &mut self.reader,
                     &mut self.parts.read_buf,
+                    &mut self.recv,
                     self.eof || paused,
                 ) => match input {
-                    Input::Data => {}
+                    Input::Data(received) => self.on_received(received),
                     Input::Eof => self.eof = true,
                     Input::Departed => return End::Departed,
                 },
@@ -176,13 +188,27 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
         Ok(())
     }
 
-    /// Decodes the next frame, if the input holds one, and hands it to the session.
+    /// Decodes the next frame, if the input holds one, and hands it to the session with the
+    /// stream offset where it ended; otherwise tells the session how far the decoder got.
     fn decode_and_dispatch(&mut self) -> bool {
         let Some(frame) = self.decode() else {
+            // Without a frame the decoder has scanned every byte read.
+            self.session.on_reached(self.read_total);
             return false;
         };
-        self.session.on_frame(frame);
+        let end = self.read_total - self.parts.read_buf.len() as u64;
+        self.session.on_frame_at(frame, end);
         true
+    }
+
+    /// Counts the bytes a read brought, and hands its fds to the session at their offset.
+    fn on_received(&mut self, received: Received) {
+        let position = self.read_total + received.fds_at as u64;
+        self.read_total += received.len as u64;
+        if received.has_fds() {
+            self.session
+                .on_fds(position, received.fds, received.truncated);
+        }
     }
 
     /// The next frame of the input, if it holds one.
@@ -343,6 +369,7 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
 async fn read_or_watch<T: Transport>(
     reader: &mut T::Reader,
     input: &mut BytesMut,
+    recv: &mut RecvState,
     watch_only: bool,
 ) -> Input {
     if watch_only {
@@ -352,9 +379,10 @@ async fn read_or_watch<T: Transport>(
     if input.capacity() - input.len() < READ_RESERVE {
         input.reserve(READ_GROWTH);
     }
-    match reader.read_buf(input).await {
-        Ok(0) => Input::Eof,
-        Ok(_) => Input::Data,
+    match T::read_with_fds(reader, input, recv).await {
+        // An fd can come with no byte only on a closed stream; dropping it closes it.
+        Ok(received) if received.len == 0 => Input::Eof,
+        Ok(received) => Input::Data(received),
         Err(_) => Input::Departed,
     }
 }

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::QmpError;
 use crate::events::Events;
+use crate::fd::{Access, ClientFds, FdsetFile};
 use crate::registry::CommandInfo;
 use crate::server::Shared;
 
@@ -57,6 +59,8 @@ pub struct ClientInfo {
     peer: Option<PeerCredentials>,
     /// Set once, at negotiation; handlers only run afterwards.
     capabilities: AtomicU8,
+    /// The fds the client named with `getfd`; closed when the connection ends.
+    pub(crate) fds: ClientFds,
 }
 
 impl ClientInfo {
@@ -65,6 +69,7 @@ impl ClientInfo {
             id,
             peer,
             capabilities: AtomicU8::new(0),
+            fds: ClientFds::default(),
         }
     }
 
@@ -166,6 +171,22 @@ impl RequestContext {
     /// the disabled ones, marked): what the guest agent's `guest-info` reports.
     pub fn commands(&self) -> impl Iterator<Item = CommandInfo<'_>> {
         self.shared.registry.commands()
+    }
+
+    /// Takes the fd the client passed and named with `getfd`: the handler owns it from now
+    /// on and the name is free again, as QEMU's commands that consume a named fd do. Only
+    /// this client's names are visible (named fds belong to the connection).
+    pub fn take_fd(&self, name: &str) -> Result<std::os::fd::OwnedFd, QmpError> {
+        self.client.fds.take(name)
+    }
+
+    /// Opens `/dev/fdset/N` as QEMU's `qemu_open` does: a dup of the first fd of set `N`
+    /// (added with `add-fd`, by any client) whose access mode is `access`, with QEMU's
+    /// errors (`Failed to find fdset /dev/fdset/N`, `Failed to find file descriptor with
+    /// matching flags=0x2`, `Could not parse fdset ...`). The set stays alive, even if
+    /// emptied by `remove-fd`, until the returned file is dropped.
+    pub fn open_fdset(&self, path: &str, access: Access) -> Result<FdsetFile, QmpError> {
+        self.shared.fdsets.open(path, access)
     }
 
     #[allow(dead_code)] // For the fd and job built-ins that reach the server through here.

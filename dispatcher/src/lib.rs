@@ -103,6 +103,7 @@
 //! - [`schema`]: `query-qmp-schema`, derived from the handlers' Rust types.
 //! - [`mod@qmp_return`]: the reply owed to one request.
 //! - [`events`]: broadcast events with timestamps and throttling.
+//! - [`fd`]: file descriptors passed over Unix sockets (`getfd`, `add-fd`, `/dev/fdset/N`).
 //! - [`server`], [`transport`], [`config`]: serving, byte streams, limits and shutdown.
 //! - [`error`]: QMP error replies and registration errors.
 #![warn(missing_docs)]
@@ -153,6 +154,7 @@ pub use config::{Config, Dialect, VersionInfo};
 pub use context::{Capabilities, ClientInfo, Context, PeerCredentials, RequestContext};
 pub use error::{ErrorClass, QmpError, RegisterError};
 pub use events::{Emit, Events, Throttle};
+pub use fd::{Access, FdLimits, FdsetFile};
 pub use qmp_return::{IntoReply, QmpReturn, ReplyError};
 pub use registry::{Command, CommandInfo, Handler, QmpCommand, Registry, RegistryBuilder};
 pub use schema::{JsonSchema, SchemaInfo, TypeDesc};

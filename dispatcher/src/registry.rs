@@ -121,6 +121,11 @@ pub(crate) enum Builtin {
     QueryQmpSchema,
     QueryAsyncCommands,
     AsyncCommandCancel,
+    GetFd,
+    CloseFd,
+    AddFd,
+    RemoveFd,
+    QueryFdsets,
 }
 
 impl Builtin {
@@ -133,8 +138,20 @@ impl Builtin {
         ("async-command-cancel", Builtin::AsyncCommandCancel, true),
     ];
 
+    /// The fd-passing commands, added by [`RegistryBuilder::fd_commands`]. None allows
+    /// `exec-oob`, as in QEMU.
+    const FD: [(&'static str, Builtin, bool); 5] = [
+        ("getfd", Builtin::GetFd, false),
+        ("closefd", Builtin::CloseFd, false),
+        ("add-fd", Builtin::AddFd, false),
+        ("remove-fd", Builtin::RemoveFd, false),
+        ("query-fdsets", Builtin::QueryFdsets, false),
+    ];
+
     /// The built-in's argument and return types, for `query-qmp-schema`.
     fn types(self) -> (TypeDesc, TypeDesc) {
+        use crate::fd::commands as fd;
+        use crate::fd::sets as fd_sets;
         use crate::schema::builtin_types as t;
         match self {
             Builtin::QmpCapabilities => (
@@ -157,6 +174,22 @@ impl Builtin {
             Builtin::AsyncCommandCancel => (
                 TypeDesc::decoded::<t::AsyncCommandCancelArguments>(),
                 TypeDesc::empty(),
+            ),
+            Builtin::GetFd | Builtin::CloseFd => (
+                TypeDesc::decoded::<fd::FdNameArguments>(),
+                TypeDesc::empty(),
+            ),
+            Builtin::AddFd => (
+                TypeDesc::decoded::<fd::AddFdArguments>(),
+                TypeDesc::encoded::<fd_sets::AddFdInfo>(),
+            ),
+            Builtin::RemoveFd => (
+                TypeDesc::decoded::<fd::RemoveFdArguments>(),
+                TypeDesc::empty(),
+            ),
+            Builtin::QueryFdsets => (
+                TypeDesc::empty(),
+                TypeDesc::encoded::<Vec<fd_sets::FdsetInfo>>(),
             ),
         }
     }
@@ -518,14 +551,9 @@ impl Registry {
     /// each receives it through its [`Context`], without capturing clones of it.
     pub fn with_state<S: Send + Sync + 'static>(state: S) -> RegistryBuilder<S> {
         let mut builder = Self::bare_with_state(state);
-        for (name, builtin, allow_oob) in Builtin::ALL {
-            let (arg_type, ret_type) = builtin.types();
-            let mut command = Command::with_kind(name, Kind::Builtin(builtin))
-                .arg_type(arg_type)
-                .ret_type(ret_type);
-            command.allow_oob = allow_oob;
-            builder.add(command).expect("built-in names are unique");
-        }
+        builder
+            .add_builtins(&Builtin::ALL)
+            .expect("built-in names are unique");
         builder
     }
 
@@ -624,6 +652,31 @@ pub struct CommandInfo<'a> {
 }
 
 impl<S: Send + Sync + 'static> RegistryBuilder<S> {
+    /// Adds QEMU's fd-passing commands, built into the server: `getfd`, `closefd`, `add-fd`,
+    /// `remove-fd` and `query-fdsets` (what `qemu-system-*` has and `qemu-storage-daemon`
+    /// lacks). Handlers then reach the fds through
+    /// [`RequestContext::take_fd`](crate::RequestContext::take_fd) and
+    /// [`RequestContext::open_fdset`](crate::RequestContext::open_fdset); see
+    /// [`crate::fd`].
+    pub fn fd_commands(&mut self) -> Result<&mut Self, RegisterError> {
+        self.add_builtins(&Builtin::FD)
+    }
+
+    fn add_builtins(
+        &mut self,
+        builtins: &[(&'static str, Builtin, bool)],
+    ) -> Result<&mut Self, RegisterError> {
+        for &(name, builtin, allow_oob) in builtins {
+            let (arg_type, ret_type) = builtin.types();
+            let mut command = Command::with_kind(name, Kind::Builtin(builtin))
+                .arg_type(arg_type)
+                .ret_type(ret_type);
+            command.allow_oob = allow_oob;
+            self.add(command)?;
+        }
+        Ok(self)
+    }
+
     /// Adds a command; a name already taken is an error, not a replacement.
     pub fn add(&mut self, command: Command<S>) -> Result<&mut Self, RegisterError> {
         if command.name.is_empty() {

@@ -19,6 +19,8 @@ use crate::config::{Config, Dialect, VersionInfo};
 use crate::connection::{Connection, End};
 use crate::context::{ClientInfo, PeerCredentials};
 use crate::events::{EventSettings, Events, Throttle};
+use crate::fd::FdLimits;
+use crate::fd::sets::FdSets;
 use crate::qmp_return::ReturnShared;
 use crate::registry::Registry;
 use crate::transport::Transport;
@@ -38,6 +40,8 @@ pub(crate) struct Shared {
     pub(crate) memory: MemoryBudget,
     /// Live-return count and the tracker of handler work.
     pub(crate) returns: Arc<ReturnShared>,
+    /// The fd sets (`add-fd`), server-wide as QEMU's are global.
+    pub(crate) fdsets: Arc<FdSets>,
 }
 
 /// Live totals across a server's connections, for [`Stats`].
@@ -240,6 +244,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Caps on passed file descriptors: per message, pending and named per connection, fd
+    /// sets per server ([`FdLimits`] has the defaults).
+    pub fn fd_limits(mut self, limits: FdLimits) -> Self {
+        self.config.fd_limits = limits;
+        self
+    }
+
     /// Emits this server's events through a handle made beforehand with [`Events::new`]
     /// (for handlers built before the server). The builder's `event_queue` and `throttle`
     /// settings apply to it, whatever the order of the calls.
@@ -263,6 +274,7 @@ impl ServerBuilder {
         let client_slots = Arc::new(Semaphore::new(config.max_clients));
         let config_max_memory = config.max_memory;
         let version_json = Bytes::from(config.version.to_qemu_json());
+        let fd_limits = config.fd_limits;
         Server {
             shared: Arc::new(Shared {
                 greeting: greeting(&config),
@@ -273,6 +285,10 @@ impl ServerBuilder {
                 counters: Counters::default(),
                 memory: MemoryBudget::new(config_max_memory),
                 returns: Arc::default(),
+                fdsets: Arc::new(FdSets::new(
+                    fd_limits.fdsets_per_server,
+                    fd_limits.fdset_fds_per_server,
+                )),
             }),
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),

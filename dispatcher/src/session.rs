@@ -6,6 +6,7 @@
 //! can be tested without a socket (see the tests at the end).
 
 use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use crate::config::{LEGACY_QUEUE_LEN, OOB_RESERVE};
 use crate::context::{Capabilities, ClientInfo, RequestContext};
 use crate::error::QmpError;
 use crate::events::Subscription;
+use crate::fd::{self, positional::PositionalFds};
 use crate::in_flight::{self, InFlight, NewEntry};
 use crate::qmp_return::{Completion, Outcome, Outgoing, QmpReturn, Settlement, Ticket};
 use crate::registry::{Builtin, Dispatcher};
@@ -44,14 +46,15 @@ pub(crate) struct Session {
     oob: bool,
     async_mode: bool,
     in_flight: InFlight,
-    /// Legacy clients: in-band input read but not started (QEMU's request queue).
-    backlog: VecDeque<Input>,
+    /// Legacy clients: in-band input read but not started (QEMU's request queue), each with
+    /// the stream offset where its frame ended.
+    backlog: VecDeque<(Input, u64)>,
     /// Legacy clients: the in-band command executing now; nothing else in-band starts until
     /// it replies.
     running: Option<Ticket>,
     /// Async clients at their in-flight cap or retained budget: the one request read ahead,
     /// waiting for room. Requests that need no room still run meanwhile.
-    lookahead: Option<Request>,
+    lookahead: Option<(Request, u64)>,
     /// Messages for the client, in the order they must be written.
     output: VecDeque<Message>,
     /// The connection's outbox: handlers' replies and events arrive through it, in order.
@@ -66,6 +69,10 @@ pub(crate) struct Session {
     /// `query-version`'s reply, this session's own copy: sharing one allocation among all
     /// connections would bounce its reference count between cores on every reply.
     version_json: Bytes,
+    /// Fds received and not yet claimed, at their stream positions (see `fd::positional`).
+    fds: PositionalFds,
+    /// How far the decoder has processed the input: a stream offset.
+    reached: u64,
 }
 
 impl Session {
@@ -76,6 +83,8 @@ impl Session {
         cancel: CancellationToken,
     ) -> Self {
         let dialect = shared.config.dialect;
+        info.fds
+            .set_limit(shared.config.fd_limits.named_per_connection);
         let mut session = Session {
             client: info.id(),
             info,
@@ -92,6 +101,11 @@ impl Session {
             events: None,
             lagged: false,
             version_json: Bytes::copy_from_slice(&shared.version_json),
+            fds: PositionalFds::new(
+                shared.config.fd_limits.pending_per_connection,
+                shared.config.fd_limits.per_message,
+            ),
+            reached: 0,
             shared,
         };
         if dialect.greeting {
@@ -145,8 +159,35 @@ impl Session {
         self.output.pop_front()
     }
 
-    /// Handles one decoded input frame.
+    /// Handles one decoded input frame without a stream position (no fds are passed).
+    #[cfg(test)]
     pub(crate) fn on_frame(&mut self, frame: Frame) {
+        self.on_frame_at(frame, self.reached);
+    }
+
+    /// Fds arrived with the input byte at stream offset `position`.
+    pub(crate) fn on_fds(&mut self, position: u64, fds: Vec<OwnedFd>, truncated: bool) {
+        self.fds.arrive(position, fds, truncated);
+    }
+
+    /// The decoder has scanned the input up to stream offset `position` without finding
+    /// another frame.
+    pub(crate) fn on_reached(&mut self, position: u64) {
+        self.reached = self.reached.max(position);
+        self.reach_idle();
+    }
+
+    /// Fds that arrived before the decoder's position join the pending slot, unless input
+    /// decoded before them has not started yet: then they wait for it (`execute`).
+    fn reach_idle(&mut self) {
+        if self.backlog.is_empty() && self.lookahead.is_none() {
+            self.fds.reach(self.reached);
+        }
+    }
+
+    /// Handles one decoded input frame, which ended at stream offset `end`.
+    pub(crate) fn on_frame_at(&mut self, frame: Frame, end: u64) {
+        self.reached = self.reached.max(end);
         let (input, out_of_band) = match frame {
             Frame::Error(desc) => (
                 Input::Reject(RequestError {
@@ -164,11 +205,13 @@ impl Session {
             }
         };
         if self.async_mode {
-            self.admit(input);
+            self.admit(input, end);
         } else if out_of_band {
-            self.execute(input, false);
+            // Out of stream order: it sees the slot as it is, and moves nothing into it
+            // (no command that takes fds allows exec-oob).
+            self.execute(input, None, false);
         } else {
-            self.backlog.push_back(input);
+            self.backlog.push_back((input, end));
         }
         self.advance();
     }
@@ -194,6 +237,10 @@ impl Session {
         self.in_flight.cancel_all();
         self.backlog.clear();
         self.lookahead = None;
+        // Fds close with the connection: pending ones as in QEMU, named ones by this
+        // server's choice (they belong to the connection; see `fd::named`).
+        self.fds.clear();
+        self.info.fds.clear();
         self.running = None;
         self.events = None;
         self.outbox = None;
@@ -236,19 +283,20 @@ impl Session {
     /// of every input, so replies already produced keep their order.
     fn advance(&mut self) {
         while self.running.is_none() {
-            let Some(input) = self.backlog.pop_front() else {
+            let Some((input, end)) = self.backlog.pop_front() else {
                 break;
             };
-            self.execute(input, true);
+            self.execute(input, Some(end), true);
         }
         let room = self
             .lookahead
             .as_ref()
-            .is_some_and(|r| self.has_room(r.oob));
+            .is_some_and(|(r, _)| self.has_room(r.oob));
         if room {
-            let request = self.lookahead.take().expect("checked above");
-            self.execute(Input::Request(request), false);
+            let (request, end) = self.lookahead.take().expect("checked above");
+            self.execute(Input::Request(request), Some(end), false);
         }
+        self.reach_idle();
     }
 
     /// Whether the in-flight table has room for one more command: below the cap (plus
@@ -262,18 +310,18 @@ impl Session {
     }
 
     /// Async clients: run now what has room or needs none; keep the rest as the lookahead.
-    fn admit(&mut self, input: Input) {
+    fn admit(&mut self, input: Input, end: u64) {
         if let Input::Request(request) = &input {
             // Room first: it is the cheap test, and the common answer.
             if !self.has_room(request.oob) && self.may_enter_in_flight(request) {
                 let Input::Request(request) = input else {
                     unreachable!()
                 };
-                self.lookahead = Some(request);
+                self.lookahead = Some((request, end));
                 return;
             }
         }
-        self.execute(input, false);
+        self.execute(input, Some(end), false);
     }
 
     /// Whether dispatching `request` could add to the in-flight table: it names a command
@@ -287,7 +335,12 @@ impl Session {
                 .is_some_and(|command| matches!(command.kind, Dispatcher::Handler(_)))
     }
 
-    fn execute(&mut self, input: Input, in_band: bool) {
+    /// Runs `input`. `at` is where its frame ended, for input run in stream order: fds that
+    /// arrived before it join the slot first, so it sees what QEMU would show it.
+    fn execute(&mut self, input: Input, at: Option<u64>, in_band: bool) {
+        if let Some(end) = at {
+            self.fds.reach(end);
+        }
         let request = match input {
             Input::Request(request) => request,
             Input::Reject(rejected) => return self.push_error(rejected.id, rejected.error),
@@ -448,6 +501,26 @@ impl Session {
                 ));
             }
             Builtin::AsyncCommandCancel => self.cancel_by_id(arguments)?,
+            Builtin::GetFd => {
+                fd::commands::getfd(&mut self.fds, &self.info.fds, arguments)?;
+                Value::Object(Map::new())
+            }
+            Builtin::CloseFd => {
+                fd::commands::closefd(&self.info.fds, arguments)?;
+                Value::Object(Map::new())
+            }
+            Builtin::AddFd => {
+                let info = fd::commands::add_fd(&mut self.fds, &self.shared.fdsets, arguments)?;
+                return Ok(Bytes::from(serde_json::to_vec(&info).expect("serializes")));
+            }
+            Builtin::RemoveFd => {
+                fd::commands::remove_fd(&self.shared.fdsets, arguments)?;
+                Value::Object(Map::new())
+            }
+            Builtin::QueryFdsets => {
+                let sets = fd::commands::query_fdsets(&self.shared.fdsets, arguments)?;
+                return Ok(Bytes::from(serde_json::to_vec(&sets).expect("serializes")));
+            }
         };
         Ok(Bytes::from(
             serde_json::to_vec(&value).expect("a Value always serializes"),

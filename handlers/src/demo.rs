@@ -77,6 +77,7 @@ pub fn build(
     let mut registry = Registry::with_state(run_state.clone());
     RunState::register(&mut registry)?;
     registry
+        .fd_commands()?
         .add(
             screendump::Screendump::new(display, options.screendump_max_blocking)
                 .chunk_delay(options.screendump_chunk_delay)

@@ -6,6 +6,11 @@
 //! task, and the short blocking steps (open, snapshot and encoding, writing a regular file)
 //! run on tokio's blocking pool at most [`Screendump::new`]'s `max_blocking` at a time.
 //! Cancellation is noticed between chunks and ends the dump within one chunk's time.
+//!
+//! `filename` may be `/dev/fdset/N`, as in QEMU: the image then goes to a write-only fd the
+//! client added to set `N` with `add-fd` (a dup of it, opened through the request context
+//! with QEMU's errors). A pipe there is written from an async task like a FIFO, which puts
+//! the pipe's shared file description in non-blocking mode.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -14,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use qmp_dispatcher::fd::{Access, FdsetFile, is_fdset_path};
 use qmp_dispatcher::{Command, QmpError, QmpReturn};
 use serde::Deserialize;
 use serde_json::json;
@@ -93,7 +99,7 @@ impl Screendump {
         let dumper = Arc::new(self);
         Command::deferred(
             "screendump",
-            move |args: ScreendumpArgs, _, ret: QmpReturn| {
+            move |args: ScreendumpArgs, cx: qmp_dispatcher::Context<S>, ret: QmpReturn| {
                 if let Some(device) = &args.device {
                     if *device != dumper.display.device {
                         return ret.err(QmpError::device_not_found(format!(
@@ -109,9 +115,18 @@ impl Screendump {
                         )));
                     }
                 }
+                // An fd set is opened here, on the request's context: a dup, which does not
+                // block.
+                let fdset = match args.filename.to_str().filter(|path| is_fdset_path(path)) {
+                    Some(path) => match cx.open_fdset(path, Access::WriteOnly) {
+                        Ok(file) => Some(file),
+                        Err(error) => return ret.err(error),
+                    },
+                    None => None,
+                };
                 // On the server's tracker, so `Server::wait` waits for the dump.
                 let dumper = Arc::clone(&dumper);
-                ret.spawn(move |ret| dumper.dump(args, ret));
+                ret.spawn(move |ret| dumper.dump(args, fdset, ret));
             },
         )
         .returns::<()>()
@@ -119,14 +134,17 @@ impl Screendump {
 
     /// One dump, from opening the file to the reply. Whether it was cancelled or completed
     /// is decided at one point, together with the fate of the file.
-    async fn dump(self: Arc<Self>, args: ScreendumpArgs, ret: QmpReturn) {
+    async fn dump(self: Arc<Self>, args: ScreendumpArgs, fdset: Option<FdsetFile>, ret: QmpReturn) {
         let cancel = ret.cancellation_token();
         let mut opening = tokio::spawn({
             let dumper = Arc::clone(&self);
             let path = args.filename.clone();
             async move {
                 dumper.pause().await;
-                dumper.blocking(move || Target::open(path)).await?
+                match fdset {
+                    Some(file) => Target::from_fdset(file, path),
+                    None => dumper.blocking(move || Target::open(path)).await?,
+                }
             }
         });
         let target = tokio::select! {
@@ -250,6 +268,8 @@ struct Target {
     regular: bool,
     /// Written from an async task, left non-blocking.
     fifo: bool,
+    /// Opened from an fd set: held until the dump ends, so the set stays alive meanwhile.
+    _fdset: Option<FdsetFile>,
 }
 
 impl Target {
@@ -272,6 +292,7 @@ impl Target {
             fifo: kind.is_fifo(),
             file,
             path,
+            _fdset: None,
         };
         if !target.fifo {
             // Written with plain blocking writes, which must not fail with EAGAIN.
@@ -282,6 +303,27 @@ impl Target {
             }
         }
         Ok(target)
+    }
+
+    /// A target on a file opened from an fd set. A regular file is truncated, as QEMU's
+    /// open of `/dev/fdset/N` with `O_TRUNC` does, but never removed: it is the client's.
+    fn from_fdset(fdset: FdsetFile, path: PathBuf) -> Result<Target, DumpError> {
+        let error = |error: std::io::Error| open_error(&path, &error);
+        let file = fdset.file().try_clone().map_err(error)?;
+        let kind = file.metadata().map_err(error)?.file_type();
+        if kind.is_file() {
+            file.set_len(0).map_err(error)?;
+        }
+        if !kind.is_fifo() {
+            fcntl(&file, FcntlArg::F_SETFL(OFlag::empty())).map_err(|e| error(e.into()))?;
+        }
+        Ok(Target {
+            regular: false,
+            fifo: kind.is_fifo(),
+            file,
+            path,
+            _fdset: Some(fdset),
+        })
     }
 
     /// Writes the whole image on the calling (blocking) thread and closes the file.

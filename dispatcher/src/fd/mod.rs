@@ -14,9 +14,15 @@
 
 pub mod recv;
 
+pub(crate) mod commands;
 pub(crate) mod named;
 pub(crate) mod positional;
 pub(crate) mod sets;
+
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
+
+use crate::error::QmpError;
 
 pub use recv::{Received, RecvState};
 pub use sets::{Access, FdsetFile, is_fdset_path};
@@ -52,5 +58,50 @@ impl Default for FdLimits {
             fdsets_per_server: 256,
             fdset_fds_per_server: 1024,
         }
+    }
+}
+
+/// One connection's named fds, shared between its session (`getfd`, `closefd`) and its
+/// handlers ([`RequestContext::take_fd`](crate::RequestContext::take_fd)).
+#[derive(Debug)]
+pub(crate) struct ClientFds {
+    named: Mutex<named::NamedFds>,
+}
+
+impl Default for ClientFds {
+    fn default() -> Self {
+        ClientFds {
+            named: Mutex::new(named::NamedFds::new(
+                FdLimits::default().named_per_connection,
+            )),
+        }
+    }
+}
+
+impl ClientFds {
+    fn named(&self) -> std::sync::MutexGuard<'_, named::NamedFds> {
+        self.named.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the cap on names (from the server's [`FdLimits`]).
+    pub(crate) fn set_limit(&self, limit: usize) {
+        self.named().set_limit(limit);
+    }
+
+    pub(crate) fn insert(&self, name: &str, fd: OwnedFd) -> Result<(), QmpError> {
+        self.named().insert(name, fd)
+    }
+
+    pub(crate) fn close(&self, name: &str) -> Result<(), QmpError> {
+        self.named().close(name)
+    }
+
+    pub(crate) fn take(&self, name: &str) -> Result<OwnedFd, QmpError> {
+        self.named().take(name)
+    }
+
+    /// Closes every named fd: the connection has ended.
+    pub(crate) fn clear(&self) {
+        self.named().clear();
     }
 }

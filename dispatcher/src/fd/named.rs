@@ -46,18 +46,29 @@ impl NamedFds {
 
     /// `closefd`: closes the fd named `name`.
     pub(crate) fn close(&mut self, name: &str) -> Result<(), QmpError> {
-        self.take(name).map(drop)
+        self.fds
+            .remove(name)
+            .map(drop)
+            .ok_or_else(|| not_found(name))
     }
 
-    /// Hands the fd named `name` over, forgetting the name (QEMU's consuming commands do
-    /// this).
+    /// Hands the fd named `name` over, forgetting the name, as QEMU's consuming commands do
+    /// (`monitor_get_fd`, with its own text).
     pub(crate) fn take(&mut self, name: &str) -> Result<OwnedFd, QmpError> {
-        self.fds.remove(name).ok_or_else(|| not_found(name))
+        self.fds.remove(name).ok_or_else(|| {
+            QmpError::generic(format!("File descriptor named '{name}' has not been found"))
+        })
     }
 
     /// Names held.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.fds.len()
+    }
+
+    /// Changes the cap on names; names already held stay.
+    pub(crate) fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
     }
 
     /// Closes every named fd: the connection ends.

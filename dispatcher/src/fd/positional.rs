@@ -154,6 +154,7 @@ impl PositionalFds {
     }
 
     /// Fds held, queued or pending.
+    #[cfg(test)]
     pub(crate) fn held(&self) -> usize {
         self.held
     }

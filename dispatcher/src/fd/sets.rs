@@ -239,6 +239,7 @@ impl FdSets {
     }
 
     /// Fds held in sets.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.lock().fds
     }
