@@ -85,7 +85,7 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
         let (reader, writer) = transport.split();
         let (outbox_tx, outbox) = mpsc::unbounded_channel();
         let session = Session::new(Arc::clone(&shared), info, outbox_tx, cancel.clone());
-        let recv = RecvState::new(shared.config.fd_limits.per_message);
+        let recv = RecvState::new();
         // Input a previous connection left in the parts counts as read already.
         let read_total = parts.read_buf.len() as u64;
         Connection {

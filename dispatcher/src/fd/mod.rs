@@ -46,6 +46,38 @@ pub struct FdLimits {
     pub fdset_fds_per_server: usize,
 }
 
+impl FdLimits {
+    /// Sets [`per_message`](Self::per_message) (at least 1).
+    pub fn per_message(mut self, fds: usize) -> Self {
+        self.per_message = fds.max(1);
+        self
+    }
+
+    /// Sets [`pending_per_connection`](Self::pending_per_connection).
+    pub fn pending_per_connection(mut self, fds: usize) -> Self {
+        self.pending_per_connection = fds;
+        self
+    }
+
+    /// Sets [`named_per_connection`](Self::named_per_connection).
+    pub fn named_per_connection(mut self, names: usize) -> Self {
+        self.named_per_connection = names;
+        self
+    }
+
+    /// Sets [`fdsets_per_server`](Self::fdsets_per_server).
+    pub fn fdsets_per_server(mut self, sets: usize) -> Self {
+        self.fdsets_per_server = sets;
+        self
+    }
+
+    /// Sets [`fdset_fds_per_server`](Self::fdset_fds_per_server).
+    pub fn fdset_fds_per_server(mut self, fds: usize) -> Self {
+        self.fdset_fds_per_server = fds;
+        self
+    }
+}
+
 /// QEMU's per-message cap.
 pub const MAX_FDS_PER_MESSAGE: usize = 16;
 

@@ -18,9 +18,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use bytes::BytesMut;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-
-use super::MAX_FDS_PER_MESSAGE;
+use nix::sys::socket::{MsgFlags, recvmsg};
 
 /// Bytes a peeked read steps through one at a time to find the byte its fds came with.
 /// Beyond this, the fds are placed on the first byte of the next read (a client would
@@ -35,28 +33,35 @@ const MAX_READ: usize = 64 * 1024;
 pub struct RecvState {
     /// The connection has passed fds: find the exact byte of every later arrival.
     exact: bool,
-    /// Room for exactly the fds one message may carry, reused by every read: with no
-    /// padding, a message with one more sets `MSG_CTRUNC`.
+    /// Room for the most fds Linux lets one message carry, reused by every read, so that a
+    /// message over the server's own cap still hands every fd over to be closed.
     control: Vec<u8>,
 }
 
 impl Default for RecvState {
     fn default() -> Self {
-        RecvState::new(MAX_FDS_PER_MESSAGE)
+        RecvState::new()
     }
 }
 
+/// Linux's `SCM_MAX_FD`: no message carries more.
+const SCM_MAX_FD: usize = 253;
+
+/// `sizeof(struct cmsghdr)`.
+const HEADER: usize = size_of::<nix::libc::cmsghdr>();
+
+/// `CMSG_ALIGN`.
+fn cmsg_align(len: usize) -> usize {
+    len.div_ceil(size_of::<usize>()) * size_of::<usize>()
+}
+
 impl RecvState {
-    /// A reader that accepts up to `per_message` fds in one message.
-    pub fn new(per_message: usize) -> Self {
-        let header = std::mem::size_of::<nix::libc::cmsghdr>();
-        let align = std::mem::size_of::<usize>();
-        // CMSG_LEN, not CMSG_SPACE: the kernel fits as many fds as the length allows, and
-        // the alignment padding of CMSG_SPACE could hold one more.
-        let len = header.div_ceil(align) * align + per_message.max(1) * size_of::<RawFd>();
+    /// A fresh reader. (The cap on fds per message is the session's to enforce: the
+    /// reader takes every fd the kernel hands over, so that none is left unclosed.)
+    pub fn new() -> Self {
         RecvState {
             exact: false,
-            control: vec![0u8; len],
+            control: vec![0u8; cmsg_align(HEADER) + SCM_MAX_FD * size_of::<RawFd>()],
         }
     }
 
@@ -78,8 +83,8 @@ pub struct Received {
     pub fds_at: usize,
     /// The fds, close-on-exec and blocking.
     pub fds: Vec<OwnedFd>,
-    /// The message carried more fds than the limit allows. Those that fit are in `fds`;
-    /// the kernel closed the rest. The caller refuses the arrival as a whole.
+    /// The kernel could not hand every fd over (`MSG_CTRUNC`: this process is out of fds);
+    /// those it could are in `fds`, it closed the rest. The caller refuses the arrival.
     pub truncated: bool,
 }
 
@@ -206,26 +211,21 @@ fn receive(
     // recvmsg needs initialised memory; zeroing one read's room is cheap next to the call.
     buf.resize(start + room, 0);
     let flags = flags | MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT;
+    // Zeroed, so that bytes a call did not write read as no message.
+    control.fill(0);
     let mut iov = [io::IoSliceMut::new(&mut buf[start..])];
-    let result = recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(control), flags);
-    let (len, mut fds, truncated) = match result {
-        Ok(msg) => {
-            let mut fds = Vec::new();
-            // Adopt every fd first, so none leaks whatever follows.
-            if let Ok(cmsgs) = msg.cmsgs() {
-                for cmsg in cmsgs {
-                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                        fds.extend(raw.into_iter().map(adopt));
-                    }
-                }
-            }
-            (msg.bytes, fds, msg.flags.contains(MsgFlags::MSG_CTRUNC))
-        }
+    let result = recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(control), flags)
+        .map(|msg| (msg.bytes, msg.flags.contains(MsgFlags::MSG_CTRUNC)));
+    let (len, truncated) = match result {
+        Ok(received) => received,
         Err(errno) => {
             buf.truncate(start);
             return Err(errno.into());
         }
     };
+    // Read from the buffer directly: nix refuses to parse a truncated one, and the fds it
+    // does hold are ours to close.
+    let mut fds: Vec<OwnedFd> = rights(control).into_iter().map(adopt).collect();
     buf.truncate(start + len);
     if !flags.contains(MsgFlags::MSG_PEEK) {
         for fd in &fds {
@@ -249,6 +249,32 @@ fn receive(
         fds,
         truncated,
     })
+}
+
+/// The fds of the SCM_RIGHTS messages in a control buffer the kernel filled.
+fn rights(control: &[u8]) -> Vec<RawFd> {
+    let mut fds = Vec::new();
+    let mut at = 0;
+    while at + HEADER <= control.len() {
+        let word = |offset: usize, width: usize| &control[at + offset..at + offset + width];
+        let len = usize::from_ne_bytes(word(0, size_of::<usize>()).try_into().expect("width"));
+        let level_at = size_of::<usize>();
+        let level = i32::from_ne_bytes(word(level_at, 4).try_into().expect("width"));
+        let kind = i32::from_ne_bytes(word(level_at + 4, 4).try_into().expect("width"));
+        if len < HEADER {
+            break;
+        }
+        let end = (at + len).min(control.len());
+        if level == nix::libc::SOL_SOCKET && kind == nix::libc::SCM_RIGHTS {
+            let data = &control[at + HEADER..end];
+            fds.extend(
+                data.chunks_exact(size_of::<RawFd>())
+                    .map(|raw| RawFd::from_ne_bytes(raw.try_into().expect("width"))),
+            );
+        }
+        at += cmsg_align(len);
+    }
+    fds
 }
 
 /// Takes ownership of an fd the kernel has just installed in this process.
@@ -362,15 +388,15 @@ mod tests {
     }
 
     #[test]
-    fn more_fds_than_the_limit_are_reported_truncated() {
+    fn every_fd_of_a_large_message_is_taken() {
         let (client, server) = pair();
         let (_r, w) = pipe();
-        let fds: Vec<BorrowedFd<'_>> = (0..3).map(|_| w.as_fd()).collect();
+        let fds: Vec<BorrowedFd<'_>> = (0..SCM_MAX_FD).map(|_| w.as_fd()).collect();
         send(&client, b"x", &fds);
         let mut buf = BytesMut::with_capacity(64);
-        let received = recv_with_fds(server.as_fd(), &mut buf, &mut RecvState::new(2)).unwrap();
-        assert!(received.truncated);
-        assert!(received.fds.len() <= 2);
+        let received = recv_with_fds(server.as_fd(), &mut buf, &mut RecvState::new()).unwrap();
+        assert!(!received.truncated);
+        assert_eq!(received.fds.len(), SCM_MAX_FD);
     }
 
     #[test]
