@@ -9,6 +9,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::Events;
+use crate::policy::Policy;
 use crate::registry::CommandInfo;
 use crate::server::Shared;
 
@@ -55,15 +56,17 @@ impl Capabilities {
 pub struct ClientInfo {
     id: u64,
     peer: Option<PeerCredentials>,
+    policy: Policy,
     /// Set once, at negotiation; handlers only run afterwards.
     capabilities: AtomicU8,
 }
 
 impl ClientInfo {
-    pub(crate) fn new(id: u64, peer: Option<PeerCredentials>) -> Self {
+    pub(crate) fn new(id: u64, peer: Option<PeerCredentials>, policy: Policy) -> Self {
         ClientInfo {
             id,
             peer,
+            policy,
             capabilities: AtomicU8::new(0),
         }
     }
@@ -76,6 +79,11 @@ impl ClientInfo {
     /// The peer's credentials, on Unix sockets.
     pub fn peer(&self) -> Option<PeerCredentials> {
         self.peer
+    }
+
+    /// The policy the client is served under: which commands and events it has.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// What the client negotiated.

@@ -104,6 +104,9 @@
 //! - [`mod@qmp_return`]: the reply owed to one request.
 //! - [`events`]: broadcast events with timestamps and throttling.
 //! - [`server`], [`transport`], [`config`]: serving, byte streams, limits and shutdown.
+//! - [`context`]: what a handler knows about its request and client.
+//! - [`policy`]: which commands and events a listener offers.
+//! - [`observe`]: metrics and the audit trail.
 //! - [`error`]: QMP error replies and registration errors.
 #![warn(missing_docs)]
 
@@ -114,7 +117,10 @@ pub mod context;
 pub mod error;
 pub mod events;
 mod in_flight;
+pub mod observe;
+pub mod policy;
 pub mod qmp_return;
+mod rate;
 pub mod registry;
 pub mod schema;
 pub mod server;
@@ -152,6 +158,7 @@ pub use config::{Config, Dialect, VersionInfo};
 pub use context::{Capabilities, ClientInfo, Context, PeerCredentials, RequestContext};
 pub use error::{ErrorClass, QmpError, RegisterError};
 pub use events::{Emit, Events, Throttle};
+pub use policy::Policy;
 pub use qmp_return::{IntoReply, QmpReturn, ReplyError};
 pub use registry::{Command, CommandInfo, Handler, QmpCommand, Registry, RegistryBuilder};
 pub use schema::{JsonSchema, SchemaInfo, TypeDesc};
