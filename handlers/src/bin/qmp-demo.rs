@@ -138,7 +138,7 @@ impl std::str::FromStr for Listen {
             Address::Tcp(addr.to_string())
         } else {
             return Err(format!(
-                "expected unix:PATH or tcp:HOST:PORT (optionally with ,readonly), got '{s}'"
+                "expected unix:PATH or tcp:HOST:PORT, got '{s}' (add ,readonly for a read-only listener)"
             ));
         };
         Ok(Listen { at, read_only })
