@@ -406,6 +406,7 @@ async fn readonly_listener_timeouts_and_metrics_from_the_command_line() {
         "--timeout",
         "x-delay=100",
         "--metrics",
+        "--audit",
     ])
     .await;
     let start = Instant::now();
@@ -457,4 +458,12 @@ async fn readonly_listener_timeouts_and_metrics_from_the_command_line() {
     let log = demo.log();
     assert!(log.contains(r#"outcome="timed-out""#), "{log}");
     assert!(log.contains("qmp_clients_connected 2"), "{log}");
+    // --audit: the trail names the refused command and its policy.
+    assert!(
+        log.lines().any(|l| l.contains("qmp_dispatcher::audit")
+            && l.contains(r#"command="stop""#)
+            && l.contains(r#"outcome="refused""#)
+            && l.contains(r#"policy="read-only""#)),
+        "{log}"
+    );
 }

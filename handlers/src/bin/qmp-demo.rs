@@ -50,6 +50,9 @@ struct Cli {
     /// its client gets `Command NAME timed out after MS ms`. Repeatable.
     #[arg(long = "timeout", value_name = "NAME=MS", value_parser = parse_timeout)]
     timeouts: Vec<(String, std::time::Duration)>,
+    /// Log the audit trail (one line per command, without its arguments) to stderr.
+    #[arg(long)]
+    audit: bool,
     /// Record the dispatcher's metrics; SIGUSR1 prints them to stderr in Prometheus text
     /// format.
     #[arg(long)]
@@ -194,14 +197,17 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse_checked();
+    // The audit trail is one line per command: on only when asked for (or through RUST_LOG).
+    let audit = if cli.audit { "info" } else { "off" };
+    let default_filter = format!("info,{}={audit}", qmp_dispatcher::observe::AUDIT_TARGET);
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse_checked();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
