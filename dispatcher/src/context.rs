@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::QmpError;
 use crate::events::Events;
 use crate::fd::{Access, ClientFds, FdsetFile};
+use crate::policy::Policy;
 use crate::registry::CommandInfo;
 use crate::server::Shared;
 
@@ -57,6 +58,7 @@ impl Capabilities {
 pub struct ClientInfo {
     id: u64,
     peer: Option<PeerCredentials>,
+    policy: Policy,
     /// Set once, at negotiation; handlers only run afterwards.
     capabilities: AtomicU8,
     /// The fds the client named with `getfd`; closed when the connection ends.
@@ -64,10 +66,11 @@ pub struct ClientInfo {
 }
 
 impl ClientInfo {
-    pub(crate) fn new(id: u64, peer: Option<PeerCredentials>) -> Self {
+    pub(crate) fn new(id: u64, peer: Option<PeerCredentials>, policy: Policy) -> Self {
         ClientInfo {
             id,
             peer,
+            policy,
             capabilities: AtomicU8::new(0),
             fds: ClientFds::default(),
         }
@@ -81,6 +84,11 @@ impl ClientInfo {
     /// The peer's credentials, on Unix sockets.
     pub fn peer(&self) -> Option<PeerCredentials> {
         self.peer
+    }
+
+    /// The policy the client is served under: which commands and events it has.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// What the client negotiated.
