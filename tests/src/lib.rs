@@ -2,6 +2,7 @@
 //! commands, and a raw QMP client that speaks bytes and checks lines.
 
 pub mod fuzz_checks;
+pub mod fuzz_fds;
 pub mod transcript;
 pub mod venv;
 

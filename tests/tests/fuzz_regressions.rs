@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use qmp_tests::fuzz_checks;
+use qmp_tests::{fuzz_checks, fuzz_fds};
 
 /// Runs `check` on every regression and seed input of `target`; returns how many ran.
 fn replay(target: &str, check: fn(&[u8])) -> usize {
@@ -44,4 +44,9 @@ fn session_regressions() {
 #[test]
 fn guest_agent_regressions() {
     assert!(replay("guest_agent", fuzz_checks::check_guest_agent) > 0);
+}
+
+#[test]
+fn fd_session_regressions() {
+    assert!(replay("fd_session", fuzz_fds::check_fd_session) > 0);
 }
