@@ -28,11 +28,18 @@ pub const STEP_LIMIT: usize = 512;
 /// The largest read, whatever room the buffer has.
 const MAX_READ: usize = 64 * 1024;
 
+/// The smallest read offered. recvmsg needs initialised memory, so each read zeroes the room
+/// it offers; offering twice the last read (at least this) keeps that cost in proportion to
+/// what arrives, while a bulk sender reaches [`MAX_READ`] in a few reads.
+const MIN_READ: usize = 4096;
+
 /// A connection's receiving state: whether it reads exactly yet, and its control buffer.
 #[derive(Debug)]
 pub struct RecvState {
     /// The connection has passed fds: find the exact byte of every later arrival.
     exact: bool,
+    /// Bytes the last read brought.
+    last: usize,
     /// Room for the most fds Linux lets one message carry, reused by every read, so that a
     /// message over the server's own cap still hands every fd over to be closed.
     control: Vec<u8>,
@@ -61,6 +68,7 @@ impl RecvState {
     pub fn new() -> Self {
         RecvState {
             exact: false,
+            last: 0,
             control: vec![0u8; cmsg_align(HEADER) + SCM_MAX_FD * size_of::<RawFd>()],
         }
     }
@@ -110,7 +118,20 @@ pub fn recv_with_fds(
     buf: &mut BytesMut,
     state: &mut RecvState,
 ) -> io::Result<Received> {
-    let room = (buf.capacity() - buf.len()).clamp(1, MAX_READ);
+    let offer = (2 * state.last).clamp(MIN_READ, MAX_READ);
+    let room = (buf.capacity() - buf.len()).clamp(1, offer);
+    let received = read_offering(socket, buf, room, state)?;
+    state.last = received.len;
+    Ok(received)
+}
+
+/// One read offering `room` bytes: plain until the connection passes fds, exact after.
+fn read_offering(
+    socket: BorrowedFd<'_>,
+    buf: &mut BytesMut,
+    room: usize,
+    state: &mut RecvState,
+) -> io::Result<Received> {
     if !state.exact {
         let received = read_into(socket, buf, room, &mut state.control)?;
         if received.has_fds() {
@@ -208,7 +229,7 @@ fn receive(
     flags: MsgFlags,
 ) -> io::Result<Received> {
     let start = buf.len();
-    // recvmsg needs initialised memory; zeroing one read's room is cheap next to the call.
+    // recvmsg needs initialised memory (see `MIN_READ`).
     buf.resize(start + room, 0);
     let flags = flags | MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT;
     // Zeroed, so that bytes a call did not write read as no message.
