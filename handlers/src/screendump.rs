@@ -115,8 +115,8 @@ impl Screendump {
                         )));
                     }
                 }
-                // An fd set is opened here, on the request's context: a dup, which does not
-                // block.
+                // After the device checks, as QEMU opens the file last. An fd set is opened
+                // here, on the request's context: a dup, which does not block.
                 let fdset = match args.filename.to_str().filter(|path| is_fdset_path(path)) {
                     Some(path) => match cx.open_fdset(path, Access::WriteOnly) {
                         Ok(file) => Some(file),
@@ -124,6 +124,7 @@ impl Screendump {
                     },
                     None => None,
                 };
+                drop(cx);
                 // On the server's tracker, so `Server::wait` waits for the dump.
                 let dumper = Arc::clone(&dumper);
                 ret.spawn(move |ret| dumper.dump(args, fdset, ret));
