@@ -147,6 +147,8 @@ impl JobHandle {
 
     /// Declares the job ready, as a mirror in sync (after a pause point: a paused job
     /// becomes ready only once resumed). Then [`wait_complete`](Self::wait_complete).
+    /// Without an id (the deferred-command face) nobody could complete the job: both
+    /// return at once, as if `job-complete` had come.
     pub async fn ready(&self) {
         self.record.ready().await
     }

@@ -108,8 +108,9 @@ impl JobRecord {
         cancel: CancellationToken,
         on_conclude: Option<OnConclude>,
     ) -> Self {
-        // Nobody could dismiss a private job: it goes as soon as it concludes.
-        let auto_dismiss = auto_dismiss || matches!(scope, Scope::Private);
+        // Nobody could finalize or dismiss a private job: it goes as soon as its work ends.
+        let private = matches!(scope, Scope::Private);
+        let (auto_finalize, auto_dismiss) = (auto_finalize || private, auto_dismiss || private);
         JobRecord {
             scope,
             job_type,
@@ -328,7 +329,11 @@ impl JobRecord {
     }
 
     /// The work declares it is ready (after a pause point: a paused job changes nothing).
+    /// A private job has nobody to complete it, so readiness does not apply to it.
     pub(crate) async fn ready(&self) {
+        if matches!(self.scope, Scope::Private) {
+            return;
+        }
         loop {
             self.pause_point().await;
             let mut control = self.lock();
@@ -347,6 +352,9 @@ impl JobRecord {
 
     /// Waits for `job-complete` (seen only while not paused); false if cancelled first.
     pub(crate) async fn wait_complete(&self) -> bool {
+        if matches!(self.scope, Scope::Private) {
+            return !self.cancel.is_cancelled();
+        }
         loop {
             let notified = self.wake.notified();
             tokio::pin!(notified);

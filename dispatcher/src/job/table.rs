@@ -116,7 +116,7 @@ impl JobTable {
         let record = Arc::new(JobRecord::new(
             Scope::Private,
             options.job_type.as_str().into(),
-            options.auto_finalize,
+            true,
             true,
             cancel,
             Some(on_conclude),

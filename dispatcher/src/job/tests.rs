@@ -711,6 +711,7 @@ async fn a_private_job_is_silent_and_answers_when_it_concludes() {
         Work::Gate(Arc::new(Semaphore::new(0))),
         client.child_token(),
     );
+    let mirror = start(Work::Mirror, CancellationToken::new());
     assert!(b.table.query().is_empty());
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(gated.status(), JobStatus::Running);
@@ -721,12 +722,14 @@ async fn a_private_job_is_silent_and_answers_when_it_concludes() {
     assert_eq!(quick.status(), JobStatus::Null);
     assert_eq!(failing.status(), JobStatus::Null);
     assert_eq!(gated.status(), JobStatus::Null);
+    assert_eq!(mirror.status(), JobStatus::Null, "nobody could complete it");
     let answers = std::mem::take(&mut *answers.lock().unwrap());
     assert_eq!(
         answers,
         [
             Ok(()),
             Err(QmpError::generic("no")),
+            Ok(()),
             Err(QmpError::generic("Operation canceled"))
         ]
     );
