@@ -105,7 +105,7 @@ fn server_with(commands: usize) -> Server {
     let mut registry = Registry::builder();
     for index in 0..commands {
         registry
-            .add(Command::sync(command_name(index), |_: NoArgs| {
+            .add(Command::sync(command_name(index), |_: NoArgs, _| {
                 Ok::<_, QmpError>(json!({}))
             }))
             .expect("names are unique");

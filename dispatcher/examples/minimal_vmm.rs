@@ -24,12 +24,12 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use qmp_dispatcher::{
-    Command, Events, JsonSchema, NoArgs, QmpError, QmpReturn, Registry, Server, bind_unix,
+    Command, Context, JsonSchema, NoArgs, QmpError, QmpReturn, RegisterError, Registry, Server,
+    bind_unix,
 };
 use serde::{Deserialize, Serialize};
 
@@ -51,61 +51,66 @@ struct ScreendumpArgs {
     filename: PathBuf,
 }
 
-/// The VM state the commands act on.
+/// The VM state the commands act on: the registry's state, which every handler receives
+/// through its `Context`.
 struct Vm {
     running: AtomicBool,
-    /// The server's event handle, made before the server (see `main`).
-    events: Events,
 }
 
 impl Vm {
-    fn set_running(&self, running: bool) {
+    /// Changes the state and tells every client, through the request's context (which
+    /// checks the event against the command's `emits` declaration).
+    fn set_running(&self, running: bool, cx: &Context<Vm>) {
         self.running.store(running, Ordering::SeqCst);
-        self.events
-            .emit(if running { "RESUME" } else { "STOP" }, None);
+        cx.emit(if running { "RESUME" } else { "STOP" }, None);
     }
 }
 
-fn registry(vm: &Arc<Vm>) -> Registry {
-    let mut builder = Registry::builder();
-    let status_vm = Arc::clone(vm);
-    let stop_vm = Arc::clone(vm);
-    let cont_vm = Arc::clone(vm);
+fn registry() -> Result<Registry, RegisterError> {
+    let mut builder = Registry::with_state(Vm {
+        running: AtomicBool::new(true),
+    });
     builder
-        .add(Command::sync("query-status", move |_: NoArgs| {
-            let running = status_vm.running.load(Ordering::SeqCst);
-            let status = if running { "running" } else { "paused" };
-            Ok(StatusInfo { running, status })
-        }))
-        .and_then(|b| {
-            b.add(Command::sync("stop", move |_: NoArgs| {
-                stop_vm.set_running(false);
-                // `Ok(())` is answered `{}`, QEMU's reply for commands without a value
-                // (handler results go through `QmpReturn::reply`; `ret.ok(&())` sends `null`).
+        .event_without_data("STOP")?
+        .event_without_data("RESUME")?
+        .add(Command::sync(
+            "query-status",
+            |_: NoArgs, cx: &Context<Vm>| {
+                let running = cx.state().running.load(Ordering::SeqCst);
+                let status = if running { "running" } else { "paused" };
+                Ok(StatusInfo { running, status })
+            },
+        ))?
+        // `Ok(())` is answered `{}`, QEMU's reply for commands without a value.
+        .add(
+            Command::sync("stop", |_: NoArgs, cx: &Context<Vm>| {
+                cx.state().set_running(false, cx);
                 Ok(())
-            }))
-        })
-        .and_then(|b| {
-            b.add(Command::sync("cont", move |_: NoArgs| {
-                cont_vm.set_running(true);
+            })
+            .emits("STOP"),
+        )?
+        .add(
+            Command::sync("cont", |_: NoArgs, cx: &Context<Vm>| {
+                cx.state().set_running(true, cx);
                 Ok(())
-            }))
-        })
-        .and_then(|b| {
-            b.add(Command::async_fn("x-sleep", |args: SleepArgs| async move {
+            })
+            .emits("RESUME"),
+        )?
+        .add(Command::async_fn(
+            "x-sleep",
+            |args: SleepArgs, _| async move {
                 tokio::time::sleep(Duration::from_secs(args.seconds)).await;
                 Ok(())
-            }))
-        })
-        .and_then(|b| b.add(Command::deferred("screendump", screendump)))
-        .expect("command names are unique");
-    builder.build()
+            },
+        ))?
+        .add(Command::deferred("screendump", screendump))?;
+    builder.try_build()
 }
 
 /// Validates at once (a failure to start is an immediate error reply), then writes the file
 /// on tokio's blocking pool (tracked by the server, so shutdown waits for it) and answers
 /// from there.
-fn screendump(args: ScreendumpArgs, ret: QmpReturn) {
+fn screendump(args: ScreendumpArgs, _: Context<Vm>, ret: QmpReturn) {
     let file = match std::fs::File::create(&args.filename) {
         Ok(file) => file,
         Err(e) => {
@@ -145,15 +150,8 @@ async fn main() -> std::io::Result<()> {
         std::process::exit(2);
     };
 
-    // The handlers emit events, and exist before the server: make the handle first and
-    // give it to the builder.
-    let vm = Arc::new(Vm {
-        running: AtomicBool::new(true),
-        events: Events::new(),
-    });
-    let server = Server::builder(registry(&vm))
-        .events(vm.events.clone())
-        .build();
+    let registry = registry().expect("the command table is consistent");
+    let server = Server::builder(registry).build();
 
     let listener = bind_unix(&path, 0o600)?;
     eprintln!("QMP on {}; Ctrl-C to stop", path.display());

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{IDLE_CAPACITY, LARGE_FRAME, MEMORY_FLOOR};
+use crate::context::ClientInfo;
 use crate::qmp_return::Outgoing;
 use crate::server::{ConnectionParts, Shared};
 use crate::session::Session;
@@ -72,11 +73,12 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
         transport: T,
         parts: &'p mut ConnectionParts<C>,
         cancel: CancellationToken,
-        client: u64,
+        info: Arc<ClientInfo>,
     ) -> Self {
+        let client = info.id();
         let (reader, writer) = transport.split();
         let (outbox_tx, outbox) = mpsc::unbounded_channel();
-        let session = Session::new(Arc::clone(&shared), client, outbox_tx, cancel.clone());
+        let session = Session::new(Arc::clone(&shared), info, outbox_tx, cancel.clone());
         Connection {
             shared,
             reader,

@@ -97,4 +97,13 @@ pub enum RegisterError {
     /// [`Registry::disable`](crate::Registry::disable) or `enable` named no command.
     #[error("no command '{0}'")]
     UnknownCommand(String),
+    /// A command declares with [`Command::emits`](crate::Command::emits) an event the
+    /// registry does not declare.
+    #[error("command '{command}' emits event '{event}', which is not declared")]
+    UndeclaredEvent {
+        /// The command.
+        command: String,
+        /// The event it names.
+        event: String,
+    },
 }

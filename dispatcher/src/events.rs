@@ -45,12 +45,37 @@ pub struct Events {
     runtime: Option<tokio::runtime::Handle>,
 }
 
+/// Where events can be emitted: the server's [`Events`] handle (unchecked), or a request's
+/// [`RequestContext`](crate::RequestContext), which checks them against the command's
+/// [`emits`](crate::Command::emits) declaration. Code shared between commands and other
+/// sources of events (a signal handler, a device) takes `&impl Emit`.
+pub trait Emit {
+    /// Emits `name` with optional `data` to every negotiated client.
+    fn emit(&self, name: &str, data: Option<Value>);
+
+    /// Emits an event whose data is any serializable value.
+    fn emit_data<T: Serialize>(&self, name: &str, data: &T)
+    where
+        Self: Sized,
+    {
+        self.emit(name, serde_json::to_value(data).ok());
+    }
+}
+
+impl Emit for Events {
+    fn emit(&self, name: &str, data: Option<Value>) {
+        Events::emit(self, name, data)
+    }
+}
+
 /// The negotiated clients events go to. Each event is pushed into every client's outbox, the
 /// same FIFO its replies travel through.
 struct Hub {
     subscribers: Mutex<Slab<Subscriber>>,
     /// Set once, by the builder of the server that uses this handle.
     settings: OnceLock<EventSettings>,
+    /// Events emitted from a command's context that the command did not declare.
+    undeclared: AtomicUsize,
 }
 
 /// What the server builder decides about events.
@@ -110,6 +135,7 @@ impl Events {
             hub: Arc::new(Hub {
                 subscribers: Mutex::new(Slab::new()),
                 settings: OnceLock::new(),
+                undeclared: AtomicUsize::new(0),
             }),
             pending: Arc::default(),
             runtime: tokio::runtime::Handle::try_current().ok(),
@@ -165,6 +191,21 @@ impl Events {
             None => self.send(line),
             Some(throttle) => self.emit_throttled(name, throttle, data.as_ref(), line),
         }
+    }
+
+    /// Counts and logs an event a command emitted without declaring it.
+    pub(crate) fn flag_undeclared(&self, command: &str, event: &str) {
+        self.hub.undeclared.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            command,
+            event,
+            "a command emitted an event it does not declare (Command::emits)"
+        );
+    }
+
+    /// How many events commands emitted without declaring them.
+    pub(crate) fn undeclared(&self) -> usize {
+        self.hub.undeclared.load(Ordering::Relaxed)
     }
 
     /// Emits an event whose data is any serializable value.

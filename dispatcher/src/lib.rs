@@ -32,16 +32,16 @@
 //!     let mut registry = Registry::builder(); // holds qmp_capabilities & co. already
 //!     registry
 //!         // Answers at once, on the connection task.
-//!         .add(Command::sync("query-status", |_: NoArgs| {
+//!         .add(Command::sync("query-status", |_: NoArgs, _| {
 //!             Ok(serde_json::json!({"running": true, "status": "running"}))
 //!         }))?
 //!         // Emits an event, then answers; `()` is answered as `{}`, as QEMU does.
-//!         .add(Command::sync("stop", move |_: NoArgs| {
+//!         .add(Command::sync("stop", move |_: NoArgs, _| {
 //!             stop_events.emit("STOP", None);
 //!             Ok(())
 //!         }))?
 //!         // Keeps its QmpReturn and answers later from a blocking thread.
-//!         .add(Command::deferred("x-delay", |args: DelayArgs, ret: QmpReturn| {
+//!         .add(Command::deferred("x-delay", |args: DelayArgs, _, ret: QmpReturn| {
 //!             ret.spawn_blocking(move |ret| {
 //!                 std::thread::sleep(Duration::from_millis(args.ms));
 //!                 ret.reply(Ok(()));
@@ -111,6 +111,7 @@
 pub mod args;
 pub mod config;
 mod connection;
+pub mod context;
 pub mod error;
 pub mod events;
 mod in_flight;
@@ -150,12 +151,14 @@ pub mod guide {
 pub struct ReadmeDoctests;
 
 pub use args::NoArgs;
+pub use async_trait::async_trait;
 pub use config::{Config, Dialect, VersionInfo};
+pub use context::{Capabilities, ClientInfo, Context, PeerCredentials, RequestContext};
 pub use error::{ErrorClass, QmpError, RegisterError};
-pub use events::{Events, Throttle};
+pub use events::{Emit, Events, Throttle};
 pub use job::{JobDriver, JobHandle, JobInfo, JobOptions, JobStatus};
-pub use qmp_return::QmpReturn;
-pub use registry::{Command, CommandInfo, Handler, Registry, RegistryBuilder};
+pub use qmp_return::{IntoReply, QmpReturn, ReplyError};
+pub use registry::{Command, CommandInfo, Handler, QmpCommand, Registry, RegistryBuilder};
 pub use schema::{JsonSchema, SchemaInfo, TypeDesc};
 /// The JSON Schema crate the schema is derived with, for `#[schemars(crate = "qmp_dispatcher::schemars")]`
 /// in crates that derive [`JsonSchema`] without depending on it.

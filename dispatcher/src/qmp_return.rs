@@ -134,16 +134,14 @@ impl QmpReturn {
         }
     }
 
-    /// Replies `{"return": value}`.
+    /// Replies `{"return": value}`; a value that serializes to `null` (such as `()`) is sent
+    /// as `{}`, as QEMU answers commands without a return value.
     pub fn ok<T: Serialize + ?Sized>(self, value: &T) {
-        match serde_json::value::to_raw_value(value) {
+        match encode_return(value) {
             Ok(raw) => self.ok_raw(raw),
             Err(e) => {
-                let desc = format!(
-                    "Command {} produced an unserializable reply: {e}",
-                    self.command
-                );
-                self.err(QmpError::generic(desc));
+                let error = self.unserializable(e);
+                self.err(error);
             }
         }
     }
@@ -164,7 +162,7 @@ impl QmpReturn {
     /// guarantee: a cancel racing it may win after the work is done.
     #[must_use = "false means the request was cancelled and its effect should be undone"]
     pub fn ok_unless_cancelled<T: Serialize + ?Sized>(mut self, value: &T) -> bool {
-        match serde_json::value::to_raw_value(value) {
+        match encode_return(value) {
             Ok(value) => {
                 // Queued before it is committed: a cancel that finds it committed knows the
                 // reply is on its way; one that wins first makes the session discard it.
@@ -172,11 +170,8 @@ impl QmpReturn {
                 self.settlement.commit_reply()
             }
             Err(e) => {
-                let desc = format!(
-                    "Command {} produced an unserializable reply: {e}",
-                    self.command
-                );
-                self.err(QmpError::generic(desc));
+                let error = self.unserializable(e);
+                self.err(error);
                 true
             }
         }
@@ -187,21 +182,25 @@ impl QmpReturn {
         self.send(Outcome::Error(error));
     }
 
-    /// Replies with the handler's result. A result that serializes to `null` (a handler
-    /// returning `()`) becomes `{}`, as QEMU answers commands without a return value.
-    pub fn reply<T: Serialize>(self, result: Result<T, QmpError>) {
-        match result.map(|value| serde_json::value::to_raw_value(&value)) {
-            Ok(Ok(raw)) if raw.get() == "null" => self.ok_raw(empty_object()),
-            Ok(Ok(raw)) => self.ok_raw(raw),
-            Ok(Err(e)) => {
-                let desc = format!(
-                    "Command {} produced an unserializable reply: {e}",
-                    self.command
-                );
-                self.err(QmpError::generic(desc));
+    /// Replies with a handler's result: a success value, as [`ok`](Self::ok) sends it, or an
+    /// error. See [`IntoReply`].
+    pub fn reply(self, result: impl IntoReply) {
+        match result.into_reply() {
+            Ok(raw) => self.ok_raw(raw),
+            Err(ReplyError::Command(error)) => self.err(error),
+            Err(ReplyError::Unserializable(e)) => {
+                let error = self.unserializable(e);
+                self.err(error);
             }
-            Err(error) => self.err(error),
         }
+    }
+
+    fn unserializable(&self, e: serde_json::Error) -> QmpError {
+        tracing::error!(command = %self.command, cause = %e, "reply could not be serialized");
+        QmpError::generic(format!(
+            "Command {} produced an unserializable reply: {e}",
+            self.command
+        ))
     }
 
     /// The command this return answers.
@@ -265,8 +264,60 @@ impl QmpReturn {
     }
 }
 
-fn empty_object() -> Box<RawValue> {
-    RawValue::from_string("{}".to_string()).expect("{} is JSON")
+/// What a handler may answer with: [`QmpReturn::reply`] sends it, after the model of
+/// jsonrpsee's `IntoResponse`.
+///
+/// Implemented for `Result<T, QmpError>` where `T: Serialize`, and for a bare [`QmpError`].
+/// A success value that serializes to `null`, `()` above all, is sent as `{}`: QEMU never
+/// answers `{"return": null}`. Errors of other types convert with `?` (through
+/// `From<E> for QmpError`); the impl is not generic over the error type because a bare
+/// `Ok(())` could then not infer it.
+///
+/// ```
+/// use qmp_dispatcher::{IntoReply, QmpError};
+///
+/// assert_eq!(Ok(()).into_reply().unwrap().get(), "{}");
+/// let status = Ok(serde_json::json!({"running": true}));
+/// assert_eq!(status.into_reply().unwrap().get(), r#"{"running":true}"#);
+/// ```
+pub trait IntoReply: Send {
+    /// The reply's JSON value, or why there is none.
+    fn into_reply(self) -> Result<Box<RawValue>, ReplyError>;
+}
+
+impl<T: Serialize + Send> IntoReply for Result<T, QmpError> {
+    fn into_reply(self) -> Result<Box<RawValue>, ReplyError> {
+        match self {
+            Ok(value) => encode_return(&value).map_err(ReplyError::Unserializable),
+            Err(error) => Err(ReplyError::Command(error)),
+        }
+    }
+}
+
+impl IntoReply for QmpError {
+    fn into_reply(self) -> Result<Box<RawValue>, ReplyError> {
+        Err(ReplyError::Command(self))
+    }
+}
+
+/// Why an [`IntoReply`] produced no value.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ReplyError {
+    /// The command failed: this is its error reply.
+    Command(QmpError),
+    /// The success value could not be serialized (a map with non-string keys, a failing
+    /// `Serialize` impl); the client gets a `GenericError` naming the command.
+    Unserializable(serde_json::Error),
+}
+
+/// The one rule for success values: JSON, with `null` sent as `{}`.
+fn encode_return<T: Serialize + ?Sized>(value: &T) -> Result<Box<RawValue>, serde_json::Error> {
+    let raw = serde_json::value::to_raw_value(value)?;
+    if raw.get() == "null" {
+        return Ok(RawValue::from_string("{}".to_string()).expect("{} is JSON"));
+    }
+    Ok(raw)
 }
 
 impl Drop for QmpReturn {

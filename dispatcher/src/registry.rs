@@ -12,27 +12,104 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use tokio::sync::Semaphore;
+
 use crate::args;
+use crate::context::{Context, RequestContext};
 use crate::error::{QmpError, RegisterError};
-use crate::qmp_return::QmpReturn;
+use crate::qmp_return::{IntoReply, QmpReturn};
 use crate::schema::{self, Declared, JsonSchema, SchemaInfo, TypeDesc};
 
-/// A command handler in its most general form: it receives the raw arguments and the
-/// [`QmpReturn`] it must answer. The typed constructors of [`Command`] wrap closures into this.
-pub trait Handler: Send + Sync + 'static {
+/// A command handler in its most general form: it receives the raw arguments, the
+/// [`Context`] (the embedder's state `S` and the request), and the [`QmpReturn`] it must
+/// answer. The typed constructors of [`Command`] wrap closures into this.
+pub trait Handler<S = ()>: Send + Sync + 'static {
     /// Runs the command. Called on the client's connection task, so it must not block:
     /// slow work belongs on another task or thread, answering through `ret` when done.
-    fn call(&self, arguments: Map<String, Value>, ret: QmpReturn);
+    fn call(&self, arguments: Map<String, Value>, cx: Context<S>, ret: QmpReturn);
 }
 
-impl<F> Handler for F
+impl<S, F> Handler<S> for F
 where
-    F: Fn(Map<String, Value>, QmpReturn) + Send + Sync + 'static,
+    F: Fn(Map<String, Value>, Context<S>, QmpReturn) + Send + Sync + 'static,
 {
-    fn call(&self, arguments: Map<String, Value>, ret: QmpReturn) {
-        self(arguments, ret)
+    fn call(&self, arguments: Map<String, Value>, cx: Context<S>, ret: QmpReturn) {
+        self(arguments, cx, ret)
     }
 }
+
+/// A command written as a type: a struct holding its own state, with named argument and
+/// return types. Register it with [`Command::new`]. Each call runs [`run`](Self::run) as a
+/// task on the server's tracker; cancelling the request drops the future.
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use qmp_dispatcher::{Command, Context, NoArgs, QmpCommand, QmpError, Registry};
+///
+/// /// Counts its calls.
+/// #[derive(Default)]
+/// struct Counter(AtomicU64);
+///
+/// #[qmp_dispatcher::async_trait]
+/// impl QmpCommand for Counter {
+///     type Arguments = NoArgs;
+///     type Returns = u64;
+///
+///     async fn run(&self, _: NoArgs, _: Context<()>) -> Result<u64, QmpError> {
+///         Ok(self.0.fetch_add(1, Ordering::Relaxed) + 1)
+///     }
+/// }
+///
+/// let registry = Registry::builder()
+///     .with(Command::new("x-count", Counter::default()))
+///     .unwrap()
+///     .build();
+/// assert!(registry.commands().any(|c| c.name == "x-count"));
+/// ```
+#[async_trait::async_trait]
+pub trait QmpCommand<S: Send + Sync + 'static = ()>: Send + Sync + 'static {
+    /// The argument object, decoded with QEMU's argument-error texts and described in the
+    /// schema.
+    type Arguments: DeserializeOwned + JsonSchema + Send + 'static;
+    /// The return value (`()` is `{}`), described in the schema.
+    type Returns: Serialize + JsonSchema + Send + 'static;
+
+    /// Runs one request.
+    async fn run(
+        &self,
+        arguments: Self::Arguments,
+        cx: Context<S>,
+    ) -> Result<Self::Returns, QmpError>;
+}
+
+/// The handler a registry stores: a [`Handler`] bound to its registry's state.
+pub(crate) trait Dispatch: Send + Sync + 'static {
+    fn call(&self, arguments: Map<String, Value>, request: RequestContext, ret: QmpReturn);
+}
+
+struct Bound<S> {
+    state: Arc<S>,
+    handler: Arc<dyn Handler<S>>,
+}
+
+impl<S: Send + Sync + 'static> Dispatch for Bound<S> {
+    fn call(&self, arguments: Map<String, Value>, request: RequestContext, ret: QmpReturn) {
+        let cx = Context::new(Arc::clone(&self.state), request);
+        self.handler.call(arguments, cx, ret)
+    }
+}
+
+/// How many calls of one [`Command::blocking`] command run at once unless
+/// [`Command::max_concurrent`] says otherwise; later calls wait (cancellably) for a slot.
+pub const DEFAULT_BLOCKING_CONCURRENCY: usize = 4;
+
+/// The QAPI feature that marks commands whose reply may come after later requests' replies
+/// under the `async` capability: worth running concurrently.
+pub const ASYNC_FEATURE: &str = "async";
+
+/// The prefix of the QAPI features naming the events a command declares it emits
+/// (`emits-STOP`).
+pub const EMITS_FEATURE_PREFIX: &str = "emits-";
 
 /// Commands every QMP monitor has, implemented by the session itself because they read or
 /// change per-client state.
@@ -85,50 +162,74 @@ impl Builtin {
     }
 }
 
-#[derive(Clone)]
-pub(crate) enum Kind {
+pub(crate) enum Kind<S> {
     Builtin(Builtin),
-    Handler(Arc<dyn Handler>),
+    Handler(Arc<dyn Handler<S>>),
 }
 
-/// A command to register: a name, a handler, its QAPI flags and features, and the types
-/// `query-qmp-schema` shows for its arguments and return value.
-pub struct Command {
+/// The registry's erased form of [`Kind`].
+#[derive(Clone)]
+pub(crate) enum Dispatcher {
+    Builtin(Builtin),
+    Handler(Arc<dyn Dispatch>),
+}
+
+/// A command to register: a name, a handler, its QAPI flags and features, the events it
+/// emits, and the types `query-qmp-schema` shows for its arguments and return value.
+///
+/// `S` is the registry's state (see [`Registry::with_state`]); handlers get it through
+/// their [`Context`].
+pub struct Command<S = ()> {
     name: Arc<str>,
-    kind: Kind,
+    kind: Kind<S>,
     allow_oob: bool,
     silent_success: bool,
+    /// May reply after later requests (not answered at once on the connection task).
+    out_of_order: bool,
     disabled: Option<Option<String>>,
     arg_type: TypeDesc,
     ret_type: TypeDesc,
     features: Vec<String>,
+    emits: Vec<String>,
+    /// The concurrency bound of a blocking command.
+    blocking_slots: Option<(Arc<Semaphore>, usize)>,
 }
 
-impl Command {
-    /// A command from a raw [`Handler`]: it gets the arguments as a JSON object and the
-    /// `QmpReturn` to answer, now or later. Its schema says `any` for both until
-    /// [`arguments`](Self::arguments) and [`returns`](Self::returns) describe them.
-    pub fn raw(name: impl Into<String>, handler: impl Handler) -> Self {
-        Self::with_kind(name, Kind::Handler(Arc::new(handler)))
+impl<S: Send + Sync + 'static> Command<S> {
+    /// A command from a raw [`Handler`]: it gets the arguments as a JSON object, its
+    /// context and the `QmpReturn` to answer, now or later. Its schema says `any` for both
+    /// until [`arguments`](Self::arguments) and [`returns`](Self::returns) describe them.
+    pub fn raw(name: impl Into<String>, handler: impl Handler<S>) -> Self {
+        let mut command = Self::with_kind(name, Kind::Handler(Arc::new(handler)));
+        command.out_of_order = true;
+        command
     }
 
     /// A command that answers at once. `A` is its argument struct (a mismatch is answered
-    /// with QEMU's argument error); the result becomes `{"return": ...}` or an error reply.
-    /// Runs on the connection task: keep it quick. The schema shows `A` and `R`.
+    /// with QEMU's argument error); the result becomes `{"return": ...}` (`()` as `{}`) or
+    /// an error reply. Runs on the connection task: keep it quick. The schema shows `A` and
+    /// `R`.
+    ///
+    /// The typed constructors take `Result<R, QmpError>` rather than any [`IntoReply`], so
+    /// a bare `Ok(value)` needs no annotation; `?` converts other errors through `From`.
     pub fn sync<A, R, F>(name: impl Into<String>, f: F) -> Self
     where
         A: DeserializeOwned + JsonSchema,
-        R: Serialize + JsonSchema,
-        F: Fn(A) -> Result<R, QmpError> + Send + Sync + 'static,
+        R: Serialize + JsonSchema + Send,
+        F: Fn(A, &Context<S>) -> Result<R, QmpError> + Send + Sync + 'static,
     {
-        Self::raw(name, move |arguments, ret: QmpReturn| {
-            match args::decode(arguments) {
-                Ok(a) => ret.reply(f(a)),
-                Err(e) => ret.err(e),
-            }
-        })
-        .arguments::<A>()
-        .returns::<R>()
+        let mut command =
+            Self::raw(
+                name,
+                move |arguments, cx: Context<S>, ret: QmpReturn| match args::decode(arguments) {
+                    Ok(a) => ret.reply(f(a, &cx)),
+                    Err(e) => ret.err(e),
+                },
+            )
+            .arguments::<A>()
+            .returns::<R>();
+        command.out_of_order = false;
+        command
     }
 
     /// A command whose work is a future, run on its own task on the server's tracker (so
@@ -137,49 +238,130 @@ impl Command {
     pub fn async_fn<A, R, F, Fut>(name: impl Into<String>, f: F) -> Self
     where
         A: DeserializeOwned + JsonSchema,
-        R: Serialize + JsonSchema,
-        F: Fn(A) -> Fut + Send + Sync + 'static,
+        R: Serialize + JsonSchema + Send + 'static,
+        F: Fn(A, Context<S>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<R, QmpError>> + Send + 'static,
     {
-        Self::raw(name, move |arguments, ret: QmpReturn| {
-            let a = match args::decode(arguments) {
-                Ok(a) => a,
-                Err(e) => return ret.err(e),
-            };
-            let work = AssertUnwindSafe(f(a)).catch_unwind();
-            ret.spawn(|ret| async move {
-                tokio::select! {
-                    biased;
-                    () = ret.cancelled() => {}
-                    outcome = work => match outcome {
-                        Ok(result) => ret.reply(result),
-                        Err(_) => {
-                            let desc = format!("Command {} failed: its handler panicked", ret.command());
-                            ret.err(QmpError::generic(desc));
-                        }
-                    },
-                }
-            });
-        })
+        Self::raw(
+            name,
+            move |arguments, cx: Context<S>, ret: QmpReturn| match args::decode(arguments) {
+                Ok(a) => run_to_reply(f(a, cx), ret),
+                Err(e) => ret.err(e),
+            },
+        )
         .arguments::<A>()
         .returns::<R>()
     }
 
-    /// A command that takes its typed arguments and the [`QmpReturn`], and answers whenever
-    /// and from wherever it likes. The schema shows `A`, and `any` for the return value
-    /// until [`returns`](Self::returns) names its type.
+    /// A command that takes its typed arguments, its context and the [`QmpReturn`], and
+    /// answers whenever and from wherever it likes. The schema shows `A`, and `any` for the
+    /// return value until [`returns`](Self::returns) names its type.
     pub fn deferred<A, F>(name: impl Into<String>, f: F) -> Self
     where
         A: DeserializeOwned + JsonSchema,
-        F: Fn(A, QmpReturn) + Send + Sync + 'static,
+        F: Fn(A, Context<S>, QmpReturn) + Send + Sync + 'static,
     {
-        Self::raw(name, move |arguments, ret: QmpReturn| {
-            match args::decode(arguments) {
-                Ok(a) => f(a, ret),
+        Self::raw(
+            name,
+            move |arguments, cx: Context<S>, ret: QmpReturn| match args::decode(arguments) {
+                Ok(a) => f(a, cx, ret),
                 Err(e) => ret.err(e),
-            }
+            },
+        )
+        .arguments::<A>()
+    }
+
+    /// A command whose work blocks (file or device I/O, a library without async): it runs
+    /// on tokio's blocking pool, tracked like [`QmpReturn::spawn_blocking`], with at most
+    /// [`DEFAULT_BLOCKING_CONCURRENCY`] calls at once (see
+    /// [`max_concurrent`](Self::max_concurrent)); later calls wait for a slot, and one
+    /// cancelled while waiting never runs. Blocking work cannot be interrupted: check
+    /// [`Context::is_cancelled`](RequestContext::is_cancelled) between steps. A reply after
+    /// cancellation is discarded.
+    pub fn blocking<A, R, F>(name: impl Into<String>, f: F) -> Self
+    where
+        A: DeserializeOwned + JsonSchema + Send + 'static,
+        R: Serialize + JsonSchema + Send + 'static,
+        F: Fn(A, Context<S>) -> Result<R, QmpError> + Send + Sync + 'static,
+    {
+        let slots = Arc::new(Semaphore::new(DEFAULT_BLOCKING_CONCURRENCY));
+        let f = Arc::new(f);
+        let slots_for_calls = Arc::clone(&slots);
+        let mut command = Self::raw(name, move |arguments, cx: Context<S>, ret: QmpReturn| {
+            let a: A = match args::decode(arguments) {
+                Ok(a) => a,
+                Err(e) => return ret.err(e),
+            };
+            let slots = Arc::clone(&slots_for_calls);
+            let f = Arc::clone(&f);
+            ret.spawn(|ret| async move {
+                let slot = tokio::select! {
+                    biased;
+                    () = ret.cancelled() => return,
+                    slot = slots.acquire_owned() => slot.expect("the semaphore is never closed"),
+                };
+                ret.spawn_blocking(move |ret| {
+                    let _slot = slot;
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| f(a, cx)));
+                    match result {
+                        Ok(result) => ret.reply(result),
+                        Err(_) => {
+                            let error = panicked(ret.command());
+                            ret.err(error)
+                        }
+                    }
+                });
+            });
         })
         .arguments::<A>()
+        .returns::<R>();
+        command.blocking_slots = Some((slots, DEFAULT_BLOCKING_CONCURRENCY));
+        command
+    }
+
+    /// A command written as a type implementing [`QmpCommand`]; the schema shows its
+    /// `Arguments` and `Returns`.
+    pub fn new<C: QmpCommand<S>>(name: impl Into<String>, command: C) -> Self {
+        let command = Arc::new(command);
+        Self::raw(
+            name,
+            move |arguments, cx: Context<S>, ret: QmpReturn| match args::decode::<C::Arguments>(
+                arguments,
+            ) {
+                Ok(a) => {
+                    let command = Arc::clone(&command);
+                    run_to_reply(async move { command.run(a, cx).await }, ret)
+                }
+                Err(e) => ret.err(e),
+            },
+        )
+        .arguments::<C::Arguments>()
+        .returns::<C::Returns>()
+    }
+
+    /// At most `n` calls of this [`blocking`](Self::blocking) command run at once
+    /// (`n` ≥ 1). No effect on other kinds of command.
+    pub fn max_concurrent(mut self, n: usize) -> Self {
+        let n = n.max(1);
+        if let Some((slots, current)) = &mut self.blocking_slots {
+            // No call has run yet, so every permit is in the semaphore.
+            if n > *current {
+                slots.add_permits(n - *current);
+            } else {
+                slots.forget_permits(*current - n);
+            }
+            *current = n;
+        }
+        self
+    }
+
+    /// Declares an event this command may emit (through [`RequestContext::emit`]). The
+    /// registry must declare the event too; `query-qmp-schema` shows the declaration as the
+    /// command's feature `emits-NAME`. An undeclared event emitted from the command's
+    /// context is flagged.
+    pub fn emits(mut self, event: impl Into<String>) -> Self {
+        self.emits.push(event.into());
+        self
     }
 
     /// The schema shows `A`, as serde decodes it, for the arguments. For raw handlers that
@@ -233,21 +415,24 @@ impl Command {
         self
     }
 
-    fn with_kind(name: impl Into<String>, kind: Kind) -> Self {
+    fn with_kind(name: impl Into<String>, kind: Kind<S>) -> Self {
         Command {
             name: name.into().into(),
             kind,
             allow_oob: false,
             silent_success: false,
+            out_of_order: false,
             disabled: None,
             arg_type: TypeDesc::any(),
             ret_type: TypeDesc::any(),
             features: Vec::new(),
+            emits: Vec::new(),
+            blocking_slots: None,
         }
     }
 }
 
-impl std::fmt::Debug for Command {
+impl<S> std::fmt::Debug for Command<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Command")
             .field("name", &self.name)
@@ -259,7 +444,7 @@ impl std::fmt::Debug for Command {
 /// A registered command as the dispatcher sees it.
 pub(crate) struct Entry {
     pub(crate) name: Arc<str>,
-    pub(crate) kind: Kind,
+    pub(crate) kind: Dispatcher,
     pub(crate) allow_oob: bool,
     pub(crate) silent_success: bool,
     /// A hint for the common case, read without the lock: false means never disabled
@@ -270,10 +455,17 @@ pub(crate) struct Entry {
     state: RwLock<Option<Option<String>>>,
     arg_type: TypeDesc,
     ret_type: TypeDesc,
+    /// The schema's features: the declared ones, then `async` and `emits-*`.
     features: Vec<String>,
+    emits: Box<[Box<str>]>,
 }
 
 impl Entry {
+    /// Whether the command declared that it emits `event`.
+    pub(crate) fn emits(&self, event: &str) -> bool {
+        self.emits.iter().any(|e| &**e == event)
+    }
+
     /// `Some(reason)` when disabled.
     pub(crate) fn disabled(&self) -> Option<Option<String>> {
         if !self.disabled.load(Ordering::Acquire) {
@@ -308,8 +500,9 @@ struct Event {
     features: Vec<String>,
 }
 
-/// Collects commands for a [`Registry`].
-pub struct RegistryBuilder {
+/// Collects commands for a [`Registry`]; `S` is the state its handlers share.
+pub struct RegistryBuilder<S = ()> {
+    state: Arc<S>,
     registry: Registry,
 }
 
@@ -318,7 +511,13 @@ impl Registry {
     /// `query-version`, `query-commands`, and the async capability's `query-async-commands`
     /// and `async-command-cancel`.
     pub fn builder() -> RegistryBuilder {
-        let mut builder = Self::bare_builder();
+        Self::with_state(())
+    }
+
+    /// Like [`builder`](Self::builder), for handlers that share the embedder's `state`:
+    /// each receives it through its [`Context`], without capturing clones of it.
+    pub fn with_state<S: Send + Sync + 'static>(state: S) -> RegistryBuilder<S> {
+        let mut builder = Self::bare_with_state(state);
         for (name, builtin, allow_oob) in Builtin::ALL {
             let (arg_type, ret_type) = builtin.types();
             let mut command = Command::with_kind(name, Kind::Builtin(builtin))
@@ -333,7 +532,13 @@ impl Registry {
     /// A builder with no commands at all, for protocols without QMP's built-ins (the guest
     /// agent has no `qmp_capabilities`).
     pub fn bare_builder() -> RegistryBuilder {
+        Self::bare_with_state(())
+    }
+
+    /// [`bare_builder`](Self::bare_builder) with handler state, as [`with_state`](Self::with_state).
+    pub fn bare_with_state<S: Send + Sync + 'static>(state: S) -> RegistryBuilder<S> {
         RegistryBuilder {
+            state: Arc::new(state),
             registry: Registry {
                 by_name: HashMap::new(),
                 order: Vec::new(),
@@ -418,25 +623,47 @@ pub struct CommandInfo<'a> {
     pub success_response: bool,
 }
 
-impl RegistryBuilder {
+impl<S: Send + Sync + 'static> RegistryBuilder<S> {
     /// Adds a command; a name already taken is an error, not a replacement.
-    pub fn add(&mut self, command: Command) -> Result<&mut Self, RegisterError> {
+    pub fn add(&mut self, command: Command<S>) -> Result<&mut Self, RegisterError> {
         if command.name.is_empty() {
             return Err(RegisterError::EmptyName);
         }
         if self.registry.by_name.contains_key(&command.name) {
             return Err(RegisterError::AlreadyRegistered(command.name.to_string()));
         }
+        let kind = match command.kind {
+            Kind::Builtin(builtin) => Dispatcher::Builtin(builtin),
+            Kind::Handler(handler) => Dispatcher::Handler(Arc::new(Bound {
+                state: Arc::clone(&self.state),
+                handler,
+            })),
+        };
+        let mut features = command.features;
+        if command.out_of_order {
+            features.push(ASYNC_FEATURE.to_string());
+        }
+        features.extend(
+            command
+                .emits
+                .iter()
+                .map(|event| format!("{EMITS_FEATURE_PREFIX}{event}")),
+        );
         let entry = Entry {
             name: command.name.clone(),
-            kind: command.kind,
+            kind,
             allow_oob: command.allow_oob,
             silent_success: command.silent_success,
             disabled: AtomicBool::new(command.disabled.is_some()),
             state: RwLock::new(command.disabled),
             arg_type: command.arg_type,
             ret_type: command.ret_type,
-            features: command.features,
+            features,
+            emits: command
+                .emits
+                .into_iter()
+                .map(String::into_boxed_str)
+                .collect(),
         };
         self.registry.order.push(command.name.clone());
         self.registry.by_name.insert(command.name, entry);
@@ -444,7 +671,7 @@ impl RegistryBuilder {
     }
 
     /// Adds a command, chaining by value.
-    pub fn with(mut self, command: Command) -> Result<Self, RegisterError> {
+    pub fn with(mut self, command: Command<S>) -> Result<Self, RegisterError> {
         self.add(command)?;
         Ok(self)
     }
@@ -482,8 +709,31 @@ impl RegistryBuilder {
     }
 
     /// Finishes the registry, computing and serializing its schema once.
-    pub fn build(mut self) -> Registry {
+    ///
+    /// # Panics
+    /// If a command declares with [`Command::emits`] an event the registry does not
+    /// declare: a programming error, like a duplicate name. [`try_build`](Self::try_build)
+    /// returns it instead.
+    pub fn build(self) -> Registry {
+        self.try_build().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Finishes the registry, or says which command emits an undeclared event.
+    pub fn try_build(mut self) -> Result<Registry, RegisterError> {
         let registry = &self.registry;
+        for name in &registry.order {
+            let entry = &registry.by_name[name];
+            if let Some(event) = entry
+                .emits
+                .iter()
+                .find(|event| !registry.events.iter().any(|e| *e.name == ***event))
+            {
+                return Err(RegisterError::UndeclaredEvent {
+                    command: name.to_string(),
+                    event: event.to_string(),
+                });
+            }
+        }
         let commands = registry.order.iter().map(|name| {
             let entry = &registry.by_name[name];
             Declared::Command {
@@ -501,8 +751,35 @@ impl RegistryBuilder {
         });
         let compiled = schema::build(commands.chain(events));
         self.registry.schema = compiled;
-        self.registry
+        Ok(self.registry)
     }
+}
+
+/// Runs a handler's future to its reply on the server's tracker, dropping it if the request
+/// is cancelled first, and answering a panic with an error.
+fn run_to_reply<R, Fut>(work: Fut, ret: QmpReturn)
+where
+    R: IntoReply,
+    Fut: Future<Output = R> + Send + 'static,
+{
+    let work = AssertUnwindSafe(work).catch_unwind();
+    ret.spawn(|ret| async move {
+        tokio::select! {
+            biased;
+            () = ret.cancelled() => {}
+            outcome = work => match outcome {
+                Ok(result) => ret.reply(result),
+                Err(_) => {
+                    let error = panicked(ret.command());
+                    ret.err(error)
+                }
+            },
+        }
+    });
+}
+
+fn panicked(command: &str) -> QmpError {
+    QmpError::generic(format!("Command {command} failed: its handler panicked"))
 }
 
 #[cfg(test)]
@@ -513,21 +790,21 @@ mod tests {
     fn duplicate_names_are_an_error() {
         let mut builder = Registry::builder();
         builder
-            .add(Command::sync("x", |_: args::NoArgs| Ok(())))
+            .add(Command::sync("x", |_: args::NoArgs, _| Ok(())))
             .unwrap();
-        let again = builder.add(Command::sync("x", |_: args::NoArgs| Ok(())));
+        let again = builder.add(Command::sync("x", |_: args::NoArgs, _| Ok(())));
         assert_eq!(
             again.err(),
             Some(RegisterError::AlreadyRegistered("x".into()))
         );
-        let builtin = builder.add(Command::sync("query-version", |_: args::NoArgs| Ok(())));
+        let builtin = builder.add(Command::sync("query-version", |_: args::NoArgs, _| Ok(())));
         assert!(builtin.is_err());
     }
 
     #[test]
     fn disabling_at_run_time() {
         let registry = Registry::bare_builder()
-            .with(Command::sync("x", |_: args::NoArgs| Ok(())))
+            .with(Command::sync("x", |_: args::NoArgs, _| Ok(())))
             .unwrap()
             .build();
         assert_eq!(registry.get("x").unwrap().disabled(), None);

@@ -859,7 +859,7 @@ mod tests {
     #[test]
     fn serde_attributes_map_to_qapi() {
         let registry = Registry::bare_builder()
-            .with(Command::sync("x", |_: Args| Ok(())))
+            .with(Command::sync("x", |_: Args, _| Ok(())))
             .unwrap()
             .build();
         let schema = registry.schema();
@@ -919,7 +919,7 @@ mod tests {
     #[test]
     fn builtins_describe_themselves() {
         let registry = Registry::builder()
-            .with(Command::sync("n", |_: NoArgs| Ok(())))
+            .with(Command::sync("n", |_: NoArgs, _| Ok(())))
             .unwrap()
             .build();
         let text = registry.schema_json().get();

@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use crate::config::{Config, Dialect, VersionInfo};
 use crate::connection::{Connection, End};
+use crate::context::{ClientInfo, PeerCredentials};
 use crate::events::{EventSettings, Events, Throttle};
 use crate::qmp_return::ReturnShared;
 use crate::registry::Registry;
@@ -135,6 +136,9 @@ pub struct Stats {
     /// Bytes held by all connections in buffers and retained ids, against
     /// [`Config::max_memory`].
     pub memory: usize,
+    /// Events emitted through a [`RequestContext`](crate::RequestContext) by commands that
+    /// did not declare them with [`Command::emits`](crate::Command::emits); tests assert 0.
+    pub undeclared_events: usize,
     /// Handler work still running on the server's tracker ([`crate::QmpReturn::spawn`],
     /// [`crate::QmpReturn::spawn_blocking`], [`crate::Command::async_fn`]).
     pub handler_tasks: usize,
@@ -299,7 +303,9 @@ fn greeting(config: &Config) -> Bytes {
 #[derive(Debug)]
 pub struct Admitted<T> {
     transport: T,
+    /// The listener's name for the peer, for the log.
     peer: Option<String>,
+    credentials: Option<PeerCredentials>,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -307,6 +313,11 @@ impl<T> Admitted<T> {
     /// The client's transport.
     pub fn transport(&self) -> &T {
         &self.transport
+    }
+
+    /// The peer's credentials, read when it was admitted (Unix sockets only).
+    pub fn peer_credentials(&self) -> Option<PeerCredentials> {
+        self.credentials
     }
 }
 
@@ -372,6 +383,7 @@ impl Server {
             connection_tasks: self.connections.len(),
             handler_tasks: self.shared.returns.tasks.len(),
             memory: self.shared.memory.used(),
+            undeclared_events: self.shared.events.undeclared(),
         }
     }
 
@@ -436,6 +448,7 @@ impl Server {
                 Ok((transport, peer)) => {
                     transport.on_accept();
                     let client = Admitted {
+                        credentials: transport.peer_credentials(),
                         transport,
                         peer: Some(format!("{peer:?}")),
                         _slot: slot,
@@ -448,9 +461,10 @@ impl Server {
     }
 
     /// Waits for a client slot for `transport`; `None` once the server shuts down.
-    pub async fn admit<T>(&self, transport: T) -> Option<Admitted<T>> {
+    pub async fn admit<T: Transport>(&self, transport: T) -> Option<Admitted<T>> {
         let slot = self.client_slot().await?;
         Some(Admitted {
+            credentials: transport.peer_credentials(),
             transport,
             peer: None,
             _slot: slot,
@@ -486,7 +500,14 @@ impl Server {
         let counters = &self.shared.counters;
         let id = counters.next_client.fetch_add(1, Ordering::Relaxed);
         // DEBUG, not INFO: the span is entered on every poll of the connection.
-        let span = tracing::debug_span!("qmp_client", client = id, peer = client.peer.as_deref());
+        let creds = client.credentials;
+        let span = tracing::debug_span!(
+            "qmp_client",
+            client = id,
+            peer = client.peer.as_deref(),
+            uid = creds.map(|c| c.uid),
+            pid = creds.and_then(|c| c.pid),
+        );
         let _task = self.connections.token();
         counters.clients.fetch_add(1, Ordering::Relaxed);
         let connection = Connection::new(
@@ -494,7 +515,7 @@ impl Server {
             client.transport,
             parts,
             self.shutdown.child_token(),
-            id,
+            Arc::new(ClientInfo::new(id, creds)),
         );
         let end: End = connection.run().instrument(span).await;
         counters.clients.fetch_sub(1, Ordering::Relaxed);

@@ -16,11 +16,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{LEGACY_QUEUE_LEN, OOB_RESERVE};
+use crate::context::{Capabilities, ClientInfo, RequestContext};
 use crate::error::QmpError;
 use crate::events::Subscription;
 use crate::in_flight::{self, InFlight, NewEntry};
 use crate::qmp_return::{Completion, Outcome, Outgoing, QmpReturn, Settlement, Ticket};
-use crate::registry::{Builtin, Kind};
+use crate::registry::{Builtin, Dispatcher};
 use crate::server::Shared;
 use crate::wire::request::{self, Request, RequestError};
 use crate::wire::{Frame, Id, Message, canonical_key};
@@ -36,6 +37,8 @@ pub(crate) struct Session {
     shared: Arc<Shared>,
     /// Log and span field naming this client.
     client: u64,
+    /// What handlers learn about this client.
+    info: Arc<ClientInfo>,
     /// False until `qmp_capabilities` succeeds (always true without negotiation).
     negotiated: bool,
     oob: bool,
@@ -68,13 +71,14 @@ pub(crate) struct Session {
 impl Session {
     pub(crate) fn new(
         shared: Arc<Shared>,
-        client: u64,
+        info: Arc<ClientInfo>,
         outbox: mpsc::UnboundedSender<Outgoing>,
         cancel: CancellationToken,
     ) -> Self {
         let dialect = shared.config.dialect;
         let mut session = Session {
-            client,
+            client: info.id(),
+            info,
             negotiated: !dialect.negotiation,
             oob: false,
             async_mode: false,
@@ -280,7 +284,7 @@ impl Session {
                 .shared
                 .registry
                 .get(&request.command)
-                .is_some_and(|command| matches!(command.kind, Kind::Handler(_)))
+                .is_some_and(|command| matches!(command.kind, Dispatcher::Handler(_)))
     }
 
     fn execute(&mut self, input: Input, in_band: bool) {
@@ -336,7 +340,7 @@ impl Session {
             return None;
         }
         let handler = match &command.kind {
-            Kind::Builtin(builtin) => {
+            Dispatcher::Builtin(builtin) => {
                 match self.builtin(*builtin, arguments) {
                     Ok(value) => self.output.push_back(Message::Return {
                         command: None,
@@ -347,7 +351,7 @@ impl Session {
                 }
                 return None;
             }
-            Kind::Handler(handler) => Arc::clone(handler),
+            Dispatcher::Handler(handler) => Arc::clone(handler),
         };
 
         let cancel = self.cancel.child_token();
@@ -365,6 +369,12 @@ impl Session {
             .outbox
             .clone()
             .expect("a closed session dispatches nothing");
+        let request = RequestContext::new(
+            Arc::clone(&self.info),
+            Arc::clone(&shared),
+            Arc::clone(&command.name),
+            cancel.clone(),
+        );
         let ret = QmpReturn::new(
             outbox,
             ticket,
@@ -376,7 +386,8 @@ impl Session {
         let span = tracing::debug_span!("command", client = self.client, cmd = %command.name);
         let _entered = span.enter();
         // A panicking handler drops `ret` while unwinding, which answers the client.
-        let call = std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(arguments, ret)));
+        let call =
+            std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(arguments, request, ret)));
         if call.is_err() {
             tracing::error!("command handler panicked");
         }
@@ -496,6 +507,10 @@ impl Session {
         }
         self.oob = wanted.contains(&"oob");
         self.async_mode = wanted.contains(&"async");
+        self.info.set_capabilities(Capabilities {
+            oob: self.oob,
+            r#async: self.async_mode,
+        });
         self.negotiated = true;
         self.subscribe();
         tracing::debug!(
@@ -829,12 +844,12 @@ mod tests_support {
             let keep = Arc::clone(&parked);
             let mut registry = Registry::builder();
             registry
-                .add(Command::raw("park", move |_, ret: QmpReturn| {
+                .add(Command::raw("park", move |_, _, ret: QmpReturn| {
                     keep.lock().unwrap().push(ret)
                 }))
                 .unwrap()
                 .add(
-                    Command::raw("echo", |args: Map<String, Value>, ret: QmpReturn| {
+                    Command::raw("echo", |args: Map<String, Value>, _, ret: QmpReturn| {
                         ret.ok(&args)
                     })
                     .allow_oob(),
@@ -843,7 +858,8 @@ mod tests_support {
             let server = configure(Server::builder(registry.build())).build();
             let (tx, outbox) = mpsc::unbounded_channel();
             let cancel = CancellationToken::new();
-            let session = Session::new(Arc::clone(server.shared()), 0, tx, cancel.clone());
+            let info = Arc::new(crate::context::ClientInfo::new(0, None));
+            let session = Session::new(Arc::clone(server.shared()), info, tx, cancel.clone());
             let mut harness = Harness {
                 session,
                 outbox,

@@ -6,6 +6,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, UnixStream, tcp, unix};
 
+use crate::context::PeerCredentials;
+
 /// A connection's byte stream, split into halves for the connection loop.
 pub trait Transport: Send + 'static {
     /// The input half.
@@ -18,6 +20,12 @@ pub trait Transport: Send + 'static {
 
     /// Called once when a listener accepts the stream, to set socket options.
     fn on_accept(&self) {}
+
+    /// The peer's credentials, where the transport knows them (`SO_PEERCRED` on Unix
+    /// sockets); read once when the client is admitted.
+    fn peer_credentials(&self) -> Option<PeerCredentials> {
+        None
+    }
 
     /// After the client sent EOF, resolves if it has closed the connection entirely rather
     /// than only its sending side. A half-closed client still gets its replies; a departed
@@ -46,6 +54,15 @@ impl Transport for UnixStream {
 
     fn split(self) -> (Self::Reader, Self::Writer) {
         self.into_split()
+    }
+
+    fn peer_credentials(&self) -> Option<PeerCredentials> {
+        let cred = self.peer_cred().ok()?;
+        Some(PeerCredentials {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+        })
     }
 
     #[allow(clippy::manual_async_fn)] // The trait promises a `Send` future.

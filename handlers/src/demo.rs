@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use qmp_dispatcher::config::qemu_throttles;
 use qmp_dispatcher::wire::Limits;
-use qmp_dispatcher::{Events, RegisterError, Registry, Server, VersionInfo};
+use qmp_dispatcher::{RegisterError, Registry, Server, VersionInfo};
 
 use crate::display::TestPattern;
 use crate::run_state::RunState;
@@ -67,16 +67,15 @@ pub fn build(
     options: &DemoOptions,
     on_quit: impl Fn() + Send + Sync + 'static,
 ) -> Result<Demo, RegisterError> {
-    let events = Events::new();
-    let run_state = RunState::new(events.clone());
+    let run_state = RunState::new();
     let (width, height) = options.display_size;
     let display = screendump::Display {
         device: DISPLAY_DEVICE.to_string(),
         framebuffer: Arc::new(TestPattern::new(width, height)),
     };
 
-    let mut registry = Registry::builder();
-    run_state.register(&mut registry)?;
+    let mut registry = Registry::with_state(run_state.clone());
+    RunState::register(&mut registry)?;
     registry
         .add(
             screendump::Screendump::new(display, options.screendump_max_blocking)
@@ -85,9 +84,9 @@ pub fn build(
         )?
         .add(misc::query_yank())?
         .add(misc::x_delay())?
-        .add(run_state.quit(on_quit))?;
+        .add(RunState::quit(on_quit))?;
 
-    let mut builder = Server::builder(registry.build());
+    let mut builder = Server::builder(registry.try_build()?);
     for (event, throttle) in qemu_throttles() {
         builder = builder.throttle(event, throttle);
     }
@@ -105,7 +104,6 @@ pub fn build(
             ..Limits::default()
         })
         .max_memory(options.max_memory)
-        .events(events)
         .build();
     Ok(Demo { server, run_state })
 }

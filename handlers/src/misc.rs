@@ -27,8 +27,8 @@ pub enum YankInstance {
 
 /// `query-yank`: lists yank instances (this demo has none). Allows OOB, so `exec-oob` works on
 /// a real QEMU command.
-pub fn query_yank() -> Command {
-    Command::sync("query-yank", |_: NoArgs| Ok(Vec::<YankInstance>::new())).allow_oob()
+pub fn query_yank<S: Send + Sync + 'static>() -> Command<S> {
+    Command::sync("query-yank", |_: NoArgs, _| Ok(Vec::<YankInstance>::new())).allow_oob()
 }
 
 /// `x-delay` arguments.
@@ -41,8 +41,8 @@ pub struct DelayArgs {
 
 /// `x-delay {ms}`: replies `{}` after `ms` milliseconds without blocking anything; cancelling
 /// it drops the timer. For tests and benchmarks.
-pub fn x_delay() -> Command {
-    Command::async_fn("x-delay", |args: DelayArgs| async move {
+pub fn x_delay<S: Send + Sync + 'static>() -> Command<S> {
+    Command::async_fn("x-delay", |args: DelayArgs, _| async move {
         tokio::time::sleep(Duration::from_millis(args.ms)).await;
         Ok::<_, QmpError>(())
     })

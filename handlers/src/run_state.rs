@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use qmp_dispatcher::{
-    Command, Events, NoArgs, QmpError, QmpReturn, RegisterError, RegistryBuilder,
+    Command, Context, Emit, NoArgs, QmpError, QmpReturn, RegisterError, RegistryBuilder,
 };
 use serde::Serialize;
 
@@ -49,20 +49,25 @@ pub struct ShutdownData {
     pub reason: HostShutdown,
 }
 
-/// The VM's run state, shared by the commands that read and change it. Emits `STOP`,
-/// `RESUME`, `POWERDOWN` and `SHUTDOWN` like QEMU.
+/// The VM's run state, shared by the commands that read and change it (it is the demo
+/// registry's state). Emits `STOP`, `RESUME`, `POWERDOWN` and `SHUTDOWN` like QEMU, through
+/// whatever [`Emit`] the caller has: a command's context, or the server's handle.
 #[derive(Clone)]
 pub struct RunState {
     status: Arc<Mutex<Status>>,
-    events: Events,
+}
+
+impl Default for RunState {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl RunState {
-    /// A running VM that reports its changes through `events`.
-    pub fn new(events: Events) -> Self {
+    /// A running VM.
+    pub fn new() -> Self {
         RunState {
             status: Arc::new(Mutex::new(Status::Running)),
-            events,
         }
     }
 
@@ -72,17 +77,17 @@ impl RunState {
     }
 
     /// Pauses the guest; emits `STOP` if it was running (QEMU emits nothing otherwise).
-    pub fn stop(&self) {
+    pub fn stop(&self, events: &impl Emit) {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         if *status == Status::Running {
             *status = Status::Paused;
             drop(status);
-            self.events.emit("STOP", None);
+            events.emit("STOP", None);
         }
     }
 
     /// Resumes the guest; emits `RESUME`.
-    pub fn cont(&self) -> Result<(), QmpError> {
+    pub fn cont(&self, events: &impl Emit) -> Result<(), QmpError> {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         match *status {
             Status::Shutdown => Err(QmpError::generic(
@@ -92,72 +97,84 @@ impl RunState {
             Status::Paused => {
                 *status = Status::Running;
                 drop(status);
-                self.events.emit("RESUME", None);
+                events.emit("RESUME", None);
                 Ok(())
             }
         }
     }
 
     /// Asks the guest to power down (ACPI button): emits `POWERDOWN`.
-    pub fn powerdown(&self) {
-        self.events.emit("POWERDOWN", None);
+    pub fn powerdown(&self, events: &impl Emit) {
+        events.emit("POWERDOWN", None);
     }
 
     /// The host ends the VM: the state becomes `shutdown` and `SHUTDOWN {"guest": false,
     /// "reason": ...}` goes to every negotiated client, as QEMU 10 sends it on `quit` and on
     /// SIGTERM, SIGINT and SIGHUP. Call it before shutting the server down, so the event is
     /// queued to every client before the connections close.
-    pub fn host_shutdown(&self, reason: HostShutdown) {
+    pub fn host_shutdown(&self, reason: HostShutdown, events: &impl Emit) {
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = Status::Shutdown;
         let data = ShutdownData {
             guest: false,
             reason,
         };
-        let data = serde_json::to_value(data).expect("event data serializes");
-        self.events.emit("SHUTDOWN", Some(data));
+        events.emit_data("SHUTDOWN", &data);
     }
 
     /// `quit`: emits `SHUTDOWN` (reason `host-qmp-quit`), replies, then calls `on_quit`
     /// (which should stop the server and the process). QEMU sends the event before the
     /// reply.
-    pub fn quit(&self, on_quit: impl Fn() + Send + Sync + 'static) -> Command {
-        let state = self.clone();
-        Command::deferred("quit", move |_: NoArgs, ret: QmpReturn| {
-            state.host_shutdown(HostShutdown::HostQmpQuit);
-            ret.reply(Ok(()));
-            on_quit();
-        })
+    pub fn quit(on_quit: impl Fn() + Send + Sync + 'static) -> Command<RunState> {
+        Command::deferred(
+            "quit",
+            move |_: NoArgs, cx: Context<RunState>, ret: QmpReturn| {
+                cx.state().host_shutdown(HostShutdown::HostQmpQuit, &*cx);
+                ret.reply(Ok(()));
+                on_quit();
+            },
+        )
         .returns::<()>()
+        .emits("SHUTDOWN")
     }
 
     /// Registers `query-status`, `stop`, `cont` and `system_powerdown`, and declares the
     /// events `SHUTDOWN`, `STOP`, `RESUME` and `POWERDOWN`.
-    pub fn register(&self, builder: &mut RegistryBuilder) -> Result<(), RegisterError> {
-        let state = self.clone();
-        builder.add(Command::sync("query-status", move |_: NoArgs| {
-            let status = state.status();
-            Ok(StatusInfo {
-                running: status == Status::Running,
-                status,
-            })
-        }))?;
-        let state = self.clone();
-        builder.add(Command::sync("stop", move |_: NoArgs| {
-            state.stop();
-            Ok(())
-        }))?;
-        let state = self.clone();
-        builder.add(Command::sync("cont", move |_: NoArgs| state.cont()))?;
-        let state = self.clone();
-        builder.add(Command::sync("system_powerdown", move |_: NoArgs| {
-            state.powerdown();
-            Ok(())
-        }))?;
+    pub fn register(builder: &mut RegistryBuilder<RunState>) -> Result<(), RegisterError> {
         builder
             .event::<ShutdownData>("SHUTDOWN")?
             .event_without_data("STOP")?
             .event_without_data("RESUME")?
-            .event_without_data("POWERDOWN")?;
+            .event_without_data("POWERDOWN")?
+            .add(Command::sync(
+                "query-status",
+                |_: NoArgs, cx: &Context<RunState>| {
+                    let status = cx.state().status();
+                    Ok(StatusInfo {
+                        running: status == Status::Running,
+                        status,
+                    })
+                },
+            ))?
+            .add(
+                Command::sync("stop", |_: NoArgs, cx: &Context<RunState>| {
+                    cx.state().stop(&**cx);
+                    Ok(())
+                })
+                .emits("STOP"),
+            )?
+            .add(
+                Command::sync("cont", |_: NoArgs, cx: &Context<RunState>| {
+                    cx.state().cont(&**cx)
+                })
+                .emits("RESUME"),
+            )?
+            .add(
+                Command::sync("system_powerdown", |_: NoArgs, cx: &Context<RunState>| {
+                    cx.state().powerdown(&**cx);
+                    Ok(())
+                })
+                .emits("POWERDOWN"),
+            )?;
         Ok(())
     }
 }

@@ -89,28 +89,31 @@ impl Screendump {
     }
 
     /// The deferred, cancellable command: it replies when the file is complete.
-    pub fn command(self) -> Command {
+    pub fn command<S: Send + Sync + 'static>(self) -> Command<S> {
         let dumper = Arc::new(self);
-        Command::deferred("screendump", move |args: ScreendumpArgs, ret: QmpReturn| {
-            if let Some(device) = &args.device {
-                if *device != dumper.display.device {
-                    return ret.err(QmpError::device_not_found(format!(
-                        "Device '{device}' not found"
-                    )));
+        Command::deferred(
+            "screendump",
+            move |args: ScreendumpArgs, _, ret: QmpReturn| {
+                if let Some(device) = &args.device {
+                    if *device != dumper.display.device {
+                        return ret.err(QmpError::device_not_found(format!(
+                            "Device '{device}' not found"
+                        )));
+                    }
                 }
-            }
-            if let Some(head) = args.head {
-                if head != 0 {
-                    return ret.err(QmpError::generic(format!(
-                        "Head {head} not found on device {}",
-                        dumper.display.device
-                    )));
+                if let Some(head) = args.head {
+                    if head != 0 {
+                        return ret.err(QmpError::generic(format!(
+                            "Head {head} not found on device {}",
+                            dumper.display.device
+                        )));
+                    }
                 }
-            }
-            // On the server's tracker, so `Server::wait` waits for the dump.
-            let dumper = Arc::clone(&dumper);
-            ret.spawn(move |ret| dumper.dump(args, ret));
-        })
+                // On the server's tracker, so `Server::wait` waits for the dump.
+                let dumper = Arc::clone(&dumper);
+                ret.spawn(move |ret| dumper.dump(args, ret));
+            },
+        )
         .returns::<()>()
     }
 

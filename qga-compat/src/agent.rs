@@ -13,7 +13,7 @@ use qmp_dispatcher::{
 use tokio::net::UnixListener;
 
 use crate::codec::GuestAgentCodec;
-use crate::commands::{self, ServerSlot};
+use crate::commands;
 use crate::serial::SerialPort;
 
 /// Commands that stay enabled while the agent is frozen (qemu-ga 7.2's freeze allow list).
@@ -132,7 +132,6 @@ impl GuestAgentBuilder {
     /// Builds the agent. The built-ins `guest-sync-delimited`, `guest-sync` and `guest-ping`
     /// are registered first, in qemu-ga's order, then the embedder's commands.
     pub fn build(self) -> Result<GuestAgent, BuildError> {
-        let server_slot: ServerSlot = Arc::new(Mutex::new(None));
         let mut registry = Registry::bare_builder();
         registry
             .add(commands::guest_sync_delimited())?
@@ -140,10 +139,7 @@ impl GuestAgentBuilder {
             .add(commands::guest_ping())?;
         let mut info_placed = false;
         let add_info = |registry: &mut RegistryBuilder| -> Result<(), RegisterError> {
-            registry.add(commands::guest_info(
-                self.version.clone(),
-                Arc::clone(&server_slot),
-            ))?;
+            registry.add(commands::guest_info(self.version.clone()))?;
             Ok(())
         };
         for slot in self.slots {
@@ -184,11 +180,9 @@ impl GuestAgentBuilder {
             .build();
         let keep = self.parser == ParserState::KeepAcrossClients;
         let parts = ConnectionParts::new(GuestAgentCodec::new(server.codec(), keep));
-        *server_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(server.clone());
         let agent = GuestAgent {
             inner: Arc::new(Inner {
                 server,
-                server_slot,
                 filters: Filters {
                     block: self.block.into_iter().collect(),
                     allow: self.allow.map(|names| names.into_iter().collect()),
@@ -217,7 +211,6 @@ pub struct GuestAgent {
 
 struct Inner {
     server: Server,
-    server_slot: ServerSlot,
     filters: Filters,
     frozen: AtomicBool,
     /// Serialises `set_frozen`, so concurrent calls cannot interleave their updates.
@@ -226,17 +219,6 @@ struct Inner {
     /// The codec and unread input, handed from client to client with
     /// [`ParserState::KeepAcrossClients`].
     parts: tokio::sync::Mutex<ConnectionParts<GuestAgentCodec>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // guest-info's handler holds the slot; emptying it breaks the server -> handler ->
-        // server cycle.
-        self.server_slot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-    }
 }
 
 struct Filters {

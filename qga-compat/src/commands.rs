@@ -1,8 +1,6 @@
 //! The agent's own commands: guest-sync, guest-sync-delimited, guest-ping and guest-info.
 
-use std::sync::{Arc, Mutex};
-
-use qmp_dispatcher::{Command, NoArgs, QmpError, QmpReturn, Server};
+use qmp_dispatcher::{Command, NoArgs, QmpError, QmpReturn};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -14,7 +12,7 @@ pub const SENTINEL: u8 = 0xFF;
 pub(crate) fn guest_sync() -> Command {
     Command::raw(
         "guest-sync",
-        |arguments: Map<String, Value>, ret: QmpReturn| match sync_id(&arguments) {
+        |arguments: Map<String, Value>, _, ret: QmpReturn| match sync_id(&arguments) {
             Ok(id) => ret.ok(&id),
             Err(error) => ret.err(error),
         },
@@ -26,7 +24,7 @@ pub(crate) fn guest_sync() -> Command {
 pub(crate) fn guest_sync_delimited() -> Command {
     Command::raw(
         "guest-sync-delimited",
-        |arguments: Map<String, Value>, ret: QmpReturn| match sync_id(&arguments) {
+        |arguments: Map<String, Value>, _, ret: QmpReturn| match sync_id(&arguments) {
             Ok(id) => ret.ok(&id),
             Err(error) => ret.err(error),
         },
@@ -35,23 +33,14 @@ pub(crate) fn guest_sync_delimited() -> Command {
 
 /// `guest-ping`: answers `{}`.
 pub(crate) fn guest_ping() -> Command {
-    Command::sync("guest-ping", |_: NoArgs| Ok(Map::new()))
+    Command::sync("guest-ping", |_: NoArgs, _| Ok(Map::new()))
 }
 
-/// Where `guest-info` finds the command table: filled in once the server exists, emptied
-/// when the agent goes, so the handler does not keep its own server alive.
-pub(crate) type ServerSlot = Arc<Mutex<Option<Server>>>;
-
 /// `guest-info`: the version and every command, newest registration first, as qemu-ga
-/// lists them.
-pub(crate) fn guest_info(version: String, server: ServerSlot) -> Command {
-    Command::sync("guest-info", move |_: NoArgs| {
-        let server = server.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some(server) = server else {
-            return Err(QmpError::generic("The guest agent is shutting down"));
-        };
-        let mut supported_commands: Vec<CommandEntry> = server
-            .registry()
+/// lists them. The command table comes from the request's context.
+pub(crate) fn guest_info(version: String) -> Command {
+    Command::sync("guest-info", move |_: NoArgs, cx| {
+        let mut supported_commands: Vec<CommandEntry> = cx
             .commands()
             .map(|c| CommandEntry {
                 enabled: c.enabled,

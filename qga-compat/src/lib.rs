@@ -14,7 +14,7 @@
 //! # async fn run() -> std::io::Result<()> {
 //! let agent = GuestAgent::builder()
 //!     .version("7.2.22")
-//!     .command(Command::sync("guest-get-host-name", |_: NoArgs| {
+//!     .command(Command::sync("guest-get-host-name", |_: NoArgs, _| {
 //!         Ok(serde_json::json!({"host-name": "guest"}))
 //!     }))
 //!     .block(["guest-exec"])

@@ -151,7 +151,7 @@ async fn reset_on_connect_drops_half_read_requests() {
 
 /// A deferred `hold` command whose reply the test sends.
 fn hold_command(parked: Arc<Mutex<Option<QmpReturn>>>) -> Command {
-    Command::deferred("hold", move |_: NoArgs, ret: QmpReturn| {
+    Command::deferred("hold", move |_: NoArgs, _, ret: QmpReturn| {
         *parked.lock().unwrap() = Some(ret);
     })
 }
@@ -217,7 +217,7 @@ async fn a_reply_to_a_departed_client_is_not_given_to_the_next() {
 #[tokio::test]
 async fn silent_success_sends_nothing_but_errors_are_answered() {
     let agent = GuestAgent::builder()
-        .command(Command::sync("guest-shutdown", |_: NoArgs| Ok(())).no_success_response())
+        .command(Command::sync("guest-shutdown", |_: NoArgs, _| Ok(())).no_success_response())
         .build()
         .unwrap();
     let scratch = Scratch::new();

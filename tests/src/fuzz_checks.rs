@@ -374,11 +374,11 @@ pub fn check_guest_agent(data: &[u8]) {
     let agent = qmp_qga::GuestAgent::builder()
         .command(Command::raw(
             "echo",
-            |arguments: Map<String, Value>, ret: QmpReturn| ret.ok(&arguments),
+            |arguments: Map<String, Value>, _, ret: QmpReturn| ret.ok(&arguments),
         ))
         .command(Command::sync(
             "panic",
-            |_: NoArgs| -> Result<(), QmpError> { panic!("{HANDLER_PANIC}") },
+            |_: NoArgs, _| -> Result<(), QmpError> { panic!("{HANDLER_PANIC}") },
         ))
         .build()
         .expect("unique names");

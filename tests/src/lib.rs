@@ -159,16 +159,19 @@ pub fn test_commands(builder: &mut RegistryBuilder, holds: &Holds) {
     builder
         .add(Command::raw(
             "echo",
-            |arguments: serde_json::Map<String, Value>, ret: QmpReturn| ret.ok(&arguments),
+            |arguments: serde_json::Map<String, Value>, _, ret: QmpReturn| ret.ok(&arguments),
         ))
         .unwrap()
-        .add(Command::sync("fail", |_: NoArgs| -> Result<(), QmpError> {
-            Err(QmpError::device_not_found("Device 'nope' not found"))
-        }))
+        .add(Command::sync(
+            "fail",
+            |_: NoArgs, _| -> Result<(), QmpError> {
+                Err(QmpError::device_not_found("Device 'nope' not found"))
+            },
+        ))
         .unwrap()
         .add(Command::deferred(
             "hold",
-            move |args: HoldArgs, ret: QmpReturn| {
+            move |args: HoldArgs, _, ret: QmpReturn| {
                 let token = ret.cancellation_token();
                 let holds = holds.clone();
                 holds.parked.lock().unwrap().insert(args.key.clone(), ret);
@@ -183,38 +186,45 @@ pub fn test_commands(builder: &mut RegistryBuilder, holds: &Holds) {
             },
         ))
         .unwrap()
-        .add(Command::async_fn("x-delay", |args: DelayArgs| async move {
-            // At most an hour, so a fuzzed session that outlives a day is hung, not slow.
-            tokio::time::sleep(Duration::from_millis(args.ms.min(3_600_000))).await;
-            Ok(json!({}))
-        }))
+        .add(Command::async_fn(
+            "x-delay",
+            |args: DelayArgs, _| async move {
+                // At most an hour, so a fuzzed session that outlives a day is hung, not slow.
+                tokio::time::sleep(Duration::from_millis(args.ms.min(3_600_000))).await;
+                Ok(json!({}))
+            },
+        ))
         .unwrap()
         .add(Command::sync(
             "panic",
-            |_: NoArgs| -> Result<(), QmpError> { panic!("{HANDLER_PANIC}") },
+            |_: NoArgs, _| -> Result<(), QmpError> { panic!("{HANDLER_PANIC}") },
         ))
         .unwrap()
-        .add(Command::async_fn("async-panic", |_: NoArgs| async move {
-            tokio::task::yield_now().await;
-            if true {
-                panic!("{FUTURE_PANIC}");
-            }
-            Ok(())
-        }))
+        .add(Command::async_fn(
+            "async-panic",
+            |_: NoArgs, _| async move {
+                tokio::task::yield_now().await;
+                if true {
+                    panic!("{FUTURE_PANIC}");
+                }
+                Ok(())
+            },
+        ))
         .unwrap()
-        .add(Command::deferred("forget", |_: NoArgs, ret: QmpReturn| {
-            drop(ret)
-        }))
+        .add(Command::deferred(
+            "forget",
+            |_: NoArgs, _, ret: QmpReturn| drop(ret),
+        ))
         .unwrap()
         .add(
             Command::raw(
                 "oob-echo",
-                |arguments: serde_json::Map<String, Value>, ret: QmpReturn| ret.ok(&arguments),
+                |arguments: serde_json::Map<String, Value>, _, ret: QmpReturn| ret.ok(&arguments),
             )
             .allow_oob(),
         )
         .unwrap()
-        .add(Command::sync("disabled-cmd", |_: NoArgs| Ok(())).disabled(Some("for testing")))
+        .add(Command::sync("disabled-cmd", |_: NoArgs, _| Ok(())).disabled(Some("for testing")))
         .unwrap();
 }
 
@@ -238,7 +248,23 @@ pub struct TestServer {
     pub holds: Holds,
     /// Where it listens.
     pub socket: PathBuf,
+    /// Events commands may emit without declaring them before the test fails (see `Drop`).
+    undeclared_allowed: std::sync::atomic::AtomicUsize,
     _scratch: Scratch,
+}
+
+/// A test fails when a command emitted an event it did not declare (`Command::emits`):
+/// the flag `Stats::undeclared_events` is checked when the server is dropped.
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let allowed = self
+            .undeclared_allowed
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let flagged = self.server.stats().undeclared_events;
+        if flagged > allowed && !std::thread::panicking() {
+            panic!("{flagged} event(s) emitted by commands that do not declare them");
+        }
+    }
 }
 
 impl TestServer {
@@ -267,8 +293,15 @@ impl TestServer {
             server,
             holds,
             socket,
+            undeclared_allowed: Default::default(),
             _scratch: scratch,
         }
+    }
+
+    /// Lets the test emit `n` undeclared events on purpose without failing.
+    pub fn allow_undeclared_events(&self, n: usize) {
+        self.undeclared_allowed
+            .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Connects a raw client (greeting not read yet).

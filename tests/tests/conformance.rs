@@ -382,43 +382,43 @@ fn qsd_commands(qsd: &Arc<Qsd>) -> Registry {
     let named_nodes = Arc::clone(qsd);
     let quit = Arc::clone(qsd);
     builder
-        .add(Command::sync("query-jobs", |_: NoArgs| Ok(json!([]))))
+        .add(Command::sync("query-jobs", |_: NoArgs, _| Ok(json!([]))))
         .unwrap()
-        .add(Command::sync("query-block-jobs", |_: NoArgs| Ok(json!([]))))
+        .add(Command::sync("query-block-jobs", |_: NoArgs, _| Ok(json!([]))))
         .unwrap()
-        .add(Command::sync("query-block-exports", |_: NoArgs| {
+        .add(Command::sync("query-block-exports", |_: NoArgs, _| {
             Ok(json!([]))
         }))
         .unwrap()
-        .add(Command::sync("block-job-cancel", |a: BlockJobArgs| -> Result<(), _> {
+        .add(Command::sync("block-job-cancel", |a: BlockJobArgs, _| -> Result<(), _> {
             Err(job_not_found(&a.device))
         }))
         .unwrap()
-        .add(Command::sync("block-job-pause", |a: BlockJobArgs| -> Result<(), _> {
+        .add(Command::sync("block-job-pause", |a: BlockJobArgs, _| -> Result<(), _> {
             Err(job_not_found(&a.device))
         }))
         .unwrap()
         .add(Command::sync(
             "block-job-set-speed",
-            |a: BlockJobSetSpeedArgs| -> Result<(), _> { Err(job_not_found(&a.device)) },
+            |a: BlockJobSetSpeedArgs, _| -> Result<(), _> { Err(job_not_found(&a.device)) },
         ))
         .unwrap()
-        .add(Command::sync("job-pause", |_: IdArgs| -> Result<(), _> {
+        .add(Command::sync("job-pause", |_: IdArgs, _| -> Result<(), _> {
             Err(QmpError::generic("Job not found"))
         }))
         .unwrap()
-        .add(Command::sync("chardev-remove", |a: IdArgs| -> Result<(), _> {
+        .add(Command::sync("chardev-remove", |a: IdArgs, _| -> Result<(), _> {
             Err(QmpError::generic(format!("Chardev '{}' not found", a.id)))
         }))
         .unwrap()
-        .add(Command::sync("qom-get", |a: QomGetArgs| -> Result<(), _> {
+        .add(Command::sync("qom-get", |a: QomGetArgs, _| -> Result<(), _> {
             Err(QmpError::device_not_found(format!(
                 "Device '{}' not found",
                 a.path
             )))
         }))
         .unwrap()
-        .add(Command::sync("block_resize", |a: BlockResizeArgs| -> Result<(), _> {
+        .add(Command::sync("block_resize", |a: BlockResizeArgs, _| -> Result<(), _> {
             Err(QmpError::generic(format!(
                 "Cannot find device='{}' nor node-name='{}'",
                 a.device.unwrap_or_default(),
@@ -428,7 +428,7 @@ fn qsd_commands(qsd: &Arc<Qsd>) -> Registry {
         .unwrap()
         .add(Command::sync(
             "block-set-write-threshold",
-            |a: WriteThresholdArgs| -> Result<(), _> {
+            |a: WriteThresholdArgs, _| -> Result<(), _> {
                 Err(QmpError::generic(format!(
                     "Device '{}' not found",
                     a.node_name
@@ -438,7 +438,7 @@ fn qsd_commands(qsd: &Arc<Qsd>) -> Registry {
         .unwrap()
         .add(Command::sync(
             "block-dirty-bitmap-add",
-            |a: DirtyBitmapAddArgs| -> Result<(), _> {
+            |a: DirtyBitmapAddArgs, _| -> Result<(), _> {
                 Err(QmpError::generic(format!(
                     "Cannot find device='' nor node-name='{}'",
                     a.node
@@ -446,7 +446,7 @@ fn qsd_commands(qsd: &Arc<Qsd>) -> Registry {
             },
         ))
         .unwrap()
-        .add(Command::sync("transaction", |a: TransactionArgs| {
+        .add(Command::sync("transaction", |a: TransactionArgs, _| {
             const KINDS: &[&str] = &[
                 "abort",
                 "block-dirty-bitmap-add",
@@ -467,7 +467,7 @@ fn qsd_commands(qsd: &Arc<Qsd>) -> Registry {
         .unwrap()
         .add(Command::deferred(
             "blockdev-add",
-            move |a: BlockdevOptions, ret: QmpReturn| {
+            move |a: BlockdevOptions, _, ret: QmpReturn| {
                 let node = a.node_name.clone().unwrap_or_default();
                 let size = a.size.unwrap_or(NULL_CO_SIZE);
                 // The recorder blocked QEMU with a blkdebug config FIFO named TMP/fifo-*.
@@ -486,7 +486,7 @@ fn qsd_commands(qsd: &Arc<Qsd>) -> Registry {
             },
         ))
         .unwrap()
-        .add(Command::sync("blockdev-del", move |a: NodeNameArgs| {
+        .add(Command::sync("blockdev-del", move |a: NodeNameArgs, _| {
             match blockdev_del.nodes.lock().unwrap().remove(&a.node_name) {
                 Some(_) => Ok(json!({})),
                 None => Err(QmpError::generic(format!(
@@ -498,7 +498,7 @@ fn qsd_commands(qsd: &Arc<Qsd>) -> Registry {
         .unwrap()
         .add(Command::sync(
             "query-named-block-nodes",
-            move |_: QueryNamedBlockNodesArgs| {
+            move |_: QueryNamedBlockNodesArgs, _| {
                 let nodes = named_nodes.nodes.lock().unwrap();
                 Ok(nodes
                     .keys()
@@ -507,7 +507,7 @@ fn qsd_commands(qsd: &Arc<Qsd>) -> Registry {
             },
         ))
         .unwrap()
-        .add(Command::sync("blockdev-backup", move |a: BlockdevBackupArgs| {
+        .add(Command::sync("blockdev-backup", move |a: BlockdevBackupArgs, _| {
             let len = backup.nodes.lock().unwrap().get(&a.device).copied();
             let Some(len) = len else {
                 return Err(QmpError::generic(format!(
@@ -531,7 +531,7 @@ fn qsd_commands(qsd: &Arc<Qsd>) -> Registry {
             Ok(json!({}))
         }))
         .unwrap()
-        .add(Command::sync("quit", move |_: NoArgs| {
+        .add(Command::sync("quit", move |_: NoArgs, _| {
             *quit.quit_requested.lock().unwrap() = true;
             Ok(json!({}))
         }))

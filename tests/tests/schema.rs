@@ -362,6 +362,11 @@ async fn libvirt_style_path_queries() {
         "SHUTDOWN/arg-type/reason/^host-qmp-quit",
         "query-yank/ret-type/+block-node/node-name",
         "query-qmp-schema/ret-type/+command/*allow-oob",
+        // The dispatcher's features: out-of-order replies, declared events.
+        "x-delay/$async",
+        "screendump/$async",
+        "stop/$emits-STOP",
+        "quit/$emits-SHUTDOWN",
     ] {
         assert!(path_exists(&schema, query), "{query} should exist");
     }
@@ -376,6 +381,9 @@ async fn libvirt_style_path_queries() {
         "no-such-command/arg-type",
         "SHUTDOWN/ret-type",
         "stop/$deprecated",
+        "query-status/$async",
+        "stop/$emits-RESUME",
+        "query-async-commands/$async",
     ] {
         assert!(!path_exists(&schema, query), "{query} should not exist");
     }

@@ -156,7 +156,7 @@ async fn wait_returns_only_when_handler_work_has_ended() {
     builder
         .add(Command::deferred(
             "stubborn",
-            move |_: NoArgs, ret: QmpReturn| {
+            move |_: NoArgs, _, ret: QmpReturn| {
                 let flag = Arc::clone(&flag);
                 // Blocking work that notices cancellation only after a while.
                 ret.spawn_blocking(move |ret| {

@@ -243,7 +243,8 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         () = stop.cancelled() => tracing::info!("quit"),
         name = signals.recv() => {
             tracing::info!(signal = name, "signal received");
-            demo.run_state.host_shutdown(HostShutdown::HostSignal);
+            demo.run_state
+                .host_shutdown(HostShutdown::HostSignal, demo.server.events());
         }
         Some(result) = listeners.join_next() => {
             if let Ok(Err(e)) = result {

@@ -98,7 +98,7 @@ fn stub(name: &str) -> Command {
         "guest-get-host-name" => json!({"host-name": "stub"}),
         _ => json!({}),
     };
-    let command = Command::raw(name, move |_: Map<String, Value>, ret: QmpReturn| {
+    let command = Command::raw(name, move |_: Map<String, Value>, _, ret: QmpReturn| {
         ret.ok(&reply)
     });
     match name {

@@ -1,0 +1,242 @@
+//! What a handler knows about the request it serves: the embedder's state, the client (its
+//! capabilities and peer credentials), and the server's event handle.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::Events;
+use crate::registry::CommandInfo;
+use crate::server::Shared;
+
+/// The credentials of a Unix-socket peer, read with `SO_PEERCRED` when it connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerCredentials {
+    /// The peer's effective user id.
+    pub uid: u32,
+    /// The peer's effective group id.
+    pub gid: u32,
+    /// The peer's process id, where the platform reports it.
+    pub pid: Option<i32>,
+}
+
+/// The capabilities a client enabled with `qmp_capabilities`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// `oob`: the client may use `exec-oob`.
+    pub oob: bool,
+    /// `async`: the client may keep many commands in flight.
+    pub r#async: bool,
+}
+
+impl Capabilities {
+    const OOB: u8 = 1;
+    const ASYNC: u8 = 2;
+
+    fn bits(self) -> u8 {
+        (u8::from(self.oob) * Self::OOB) | (u8::from(self.r#async) * Self::ASYNC)
+    }
+
+    fn from_bits(bits: u8) -> Self {
+        Capabilities {
+            oob: bits & Self::OOB != 0,
+            r#async: bits & Self::ASYNC != 0,
+        }
+    }
+}
+
+/// One connected client, as its handlers see it. Shared by every request of the connection.
+#[derive(Debug)]
+pub struct ClientInfo {
+    id: u64,
+    peer: Option<PeerCredentials>,
+    /// Set once, at negotiation; handlers only run afterwards.
+    capabilities: AtomicU8,
+}
+
+impl ClientInfo {
+    pub(crate) fn new(id: u64, peer: Option<PeerCredentials>) -> Self {
+        ClientInfo {
+            id,
+            peer,
+            capabilities: AtomicU8::new(0),
+        }
+    }
+
+    /// The client's number on this server, as in its log span (`client=N`).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The peer's credentials, on Unix sockets.
+    pub fn peer(&self) -> Option<PeerCredentials> {
+        self.peer
+    }
+
+    /// What the client negotiated.
+    pub fn capabilities(&self) -> Capabilities {
+        Capabilities::from_bits(self.capabilities.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn set_capabilities(&self, capabilities: Capabilities) {
+        self.capabilities
+            .store(capabilities.bits(), Ordering::Release);
+    }
+}
+
+/// The request a handler serves: which command, for which client, on which server. Cheap
+/// to clone, and `'static`, so deferred work can keep it.
+#[derive(Clone)]
+pub struct RequestContext {
+    client: Arc<ClientInfo>,
+    shared: Arc<Shared>,
+    command: Arc<str>,
+    cancel: CancellationToken,
+}
+
+impl RequestContext {
+    pub(crate) fn new(
+        client: Arc<ClientInfo>,
+        shared: Arc<Shared>,
+        command: Arc<str>,
+        cancel: CancellationToken,
+    ) -> Self {
+        RequestContext {
+            client,
+            shared,
+            command,
+            cancel,
+        }
+    }
+
+    /// The client that sent the request.
+    pub fn client(&self) -> &ClientInfo {
+        &self.client
+    }
+
+    /// The command being run.
+    pub fn command(&self) -> &str {
+        &self.command
+    }
+
+    /// The server's event handle, for work that outlives the request. Events a command
+    /// emits *as part of the request* should go through [`emit`](Self::emit), which checks
+    /// them against the command's declaration.
+    pub fn events(&self) -> &Events {
+        &self.shared.events
+    }
+
+    /// Emits an event to every negotiated client, as [`Events::emit`] does, and checks that
+    /// the command declared it with [`Command::emits`](crate::Command::emits): an undeclared
+    /// event is still sent, and flagged (a warning in the log, and
+    /// [`Stats::undeclared_events`](crate::Stats::undeclared_events)), so tests can fail on it.
+    pub fn emit(&self, name: &str, data: Option<Value>) {
+        let declared = self
+            .shared
+            .registry
+            .get(&self.command)
+            .is_some_and(|entry| entry.emits(name));
+        if !declared {
+            self.shared.events.flag_undeclared(&self.command, name);
+        }
+        self.shared.events.emit(name, data);
+    }
+
+    /// [`emit`](Self::emit) with data of any serializable type.
+    pub fn emit_data<T: serde::Serialize>(&self, name: &str, data: &T) {
+        self.emit(name, serde_json::to_value(data).ok());
+    }
+
+    /// True once the request was cancelled (the client left, or cancelled it).
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// A token cancelled with the request, for work that runs apart from it.
+    pub fn cancellation_token(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// The server's commands in registration order, as `query-commands` lists them (with
+    /// the disabled ones, marked): what the guest agent's `guest-info` reports.
+    pub fn commands(&self) -> impl Iterator<Item = CommandInfo<'_>> {
+        self.shared.registry.commands()
+    }
+
+    #[allow(dead_code)] // For the fd and job built-ins that reach the server through here.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+impl crate::events::Emit for RequestContext {
+    fn emit(&self, name: &str, data: Option<Value>) {
+        RequestContext::emit(self, name, data)
+    }
+}
+
+impl std::fmt::Debug for RequestContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestContext")
+            .field("client", &self.client.id)
+            .field("command", &self.command)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a typed handler receives: the embedder's state `S` (from
+/// [`Registry::with_state`](crate::Registry::with_state); `()` without) and the
+/// [`RequestContext`], which it dereferences to.
+pub struct Context<S> {
+    state: Arc<S>,
+    request: RequestContext,
+}
+
+impl<S> Context<S> {
+    pub(crate) fn new(state: Arc<S>, request: RequestContext) -> Self {
+        Context { state, request }
+    }
+
+    /// The embedder's state, shared by every command of the registry.
+    pub fn state(&self) -> &S {
+        &self.state
+    }
+
+    /// The state as an `Arc`, for work that outlives the request.
+    pub fn state_arc(&self) -> Arc<S> {
+        Arc::clone(&self.state)
+    }
+
+    /// The request part alone.
+    pub fn request(&self) -> &RequestContext {
+        &self.request
+    }
+}
+
+impl<S> Clone for Context<S> {
+    fn clone(&self) -> Self {
+        Context {
+            state: Arc::clone(&self.state),
+            request: self.request.clone(),
+        }
+    }
+}
+
+impl<S> Deref for Context<S> {
+    type Target = RequestContext;
+
+    fn deref(&self) -> &RequestContext {
+        &self.request
+    }
+}
+
+impl<S> std::fmt::Debug for Context<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.request.fmt(f)
+    }
+}
