@@ -115,8 +115,6 @@ pub mod context;
 pub mod error;
 pub mod events;
 mod in_flight;
-// The server wires the job table in with the handler context (issue 14, phase 2).
-#[allow(dead_code)]
 pub mod job;
 pub mod qmp_return;
 pub mod registry;

@@ -77,6 +77,7 @@ impl Core {
         self.word.fetch_or(CANCEL, Ordering::AcqRel);
     }
 
+    #[cfg(test)]
     pub(crate) fn is_cancel_requested(&self) -> bool {
         self.word.load(Ordering::Acquire) & CANCEL != 0
     }

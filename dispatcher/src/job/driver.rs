@@ -187,8 +187,12 @@ impl std::fmt::Debug for JobHandle {
 pub(crate) fn start<D: JobDriver>(record: Arc<JobRecord>, mut driver: D, tasks: &TaskTracker) {
     {
         let mut control = record.lock();
-        record.announce(super::JobStatus::Created);
-        record.transition(&mut control, super::JobStatus::Running);
+        // A private job's core is its request's, already running; a public one starts
+        // `created`, and says so.
+        if record.status() == super::JobStatus::Created {
+            record.announce(super::JobStatus::Created);
+            record.transition(&mut control, super::JobStatus::Running);
+        }
         if record.cancel_token().is_cancelled() {
             // Nothing to do here: the work sees it at once and the job aborts.
         } else if record.user_paused(&control) {

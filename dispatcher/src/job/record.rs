@@ -99,8 +99,11 @@ pub struct JobInfo {
 }
 
 impl JobRecord {
-    /// A job in state `created`; nothing is announced yet.
+    /// A job whose status and progress live in `core`: a new core in `created` for a public
+    /// job; the request's own core (already `running`) for a private one. Nothing is
+    /// announced yet.
     pub(crate) fn new(
+        core: Arc<Core>,
         scope: Scope,
         job_type: Arc<str>,
         auto_finalize: bool,
@@ -114,7 +117,7 @@ impl JobRecord {
         JobRecord {
             scope,
             job_type,
-            core: Arc::new(Core::new(JobStatus::Created)),
+            core,
             control: Mutex::new(Control {
                 user_paused: false,
                 complete_requested: false,

@@ -35,6 +35,7 @@ pub enum JobStatus {
 }
 
 /// Every state, in QEMU's order (the order of the tables' columns).
+#[cfg(test)]
 pub(crate) const ALL_STATUSES: [JobStatus; 10] = [
     JobStatus::Created,
     JobStatus::Running,

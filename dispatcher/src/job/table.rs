@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::JobStatus;
+use super::core::Core;
 use super::driver::{self, JobDriver, JobOptions};
 use super::id;
 use super::record::{JobInfo, JobRecord, OnConclude, Scope};
@@ -81,6 +83,7 @@ impl JobTable {
             return Err(id::invalid(job_id));
         }
         let record = Arc::new(JobRecord::new(
+            Arc::new(Core::new(JobStatus::Created)),
             Scope::Public {
                 id: job_id.into(),
                 events: self.inner.events.clone(),
@@ -110,10 +113,12 @@ impl JobTable {
         &self,
         options: JobOptions,
         driver: D,
+        core: Arc<Core>,
         cancel: CancellationToken,
         on_conclude: OnConclude,
     ) -> Arc<JobRecord> {
         let record = Arc::new(JobRecord::new(
+            core,
             Scope::Private,
             options.job_type.as_str().into(),
             true,

@@ -700,6 +700,7 @@ async fn a_private_job_is_silent_and_answers_when_it_concludes() {
         b.table.start_private(
             JobOptions::new("x-test"),
             driver,
+            Arc::new(super::core::Core::new(JobStatus::Running)),
             cancel,
             Box::new(move |outcome| answers.lock().unwrap().push(outcome)),
         )
