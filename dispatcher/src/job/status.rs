@@ -97,8 +97,8 @@ impl JobStatus {
         transitions_from(self) & next.bit() != 0
     }
 
-    /// Whether a job in this state accepts `verb` (QEMU's verb table). A refusal is
-    /// [`verb_refused`].
+    /// Whether a job in this state accepts `verb` (QEMU's verb table). A refusal reads
+    /// `Job 'ID' in state 'STATE' cannot accept command verb 'VERB'`.
     pub fn accepts(self, verb: JobVerb) -> bool {
         verb_states(verb) & self.bit() != 0
     }
