@@ -191,6 +191,48 @@ pub struct Config {
     pub event_queue: usize,
     /// Rate limits by event name.
     pub throttles: HashMap<String, Throttle>,
+    /// Deadlines by command name; see [`timeout_for`](Self::timeout_for).
+    pub command_timeouts: HashMap<String, Duration>,
+    /// The deadline of handler commands without one of their own; `None`: no deadline.
+    pub default_command_timeout: Option<Duration>,
+    /// Commands one client may start, of any name; over it reading from the client pauses.
+    pub rate_limit: Option<RateLimit>,
+    /// Per-client limits by command name, beside [`rate_limit`](Self::rate_limit).
+    pub command_rate_limits: HashMap<String, RateLimit>,
+}
+
+impl Config {
+    /// The deadline of `command`: its own, else the default. Applies to commands with a
+    /// handler (built-ins answer at once). On expiry the command is cancelled as
+    /// `async-command-cancel` cancels it, and its client gets `GenericError`
+    /// `Command NAME timed out after N ms`.
+    pub fn timeout_for(&self, command: &str) -> Option<Duration> {
+        self.command_timeouts
+            .get(command)
+            .copied()
+            .or(self.default_command_timeout)
+    }
+}
+
+/// A rate: at most `burst` commands at once, refilled at `burst` per `per`. Over the limit
+/// the server delays reading from the client (backpressure): no request is refused, because
+/// QEMU has no error class for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Commands allowed in a burst, and per period.
+    pub burst: u32,
+    /// The period.
+    pub per: Duration,
+}
+
+impl RateLimit {
+    /// `n` commands per second, in bursts of up to `n`.
+    pub fn per_second(n: u32) -> Self {
+        RateLimit {
+            burst: n,
+            per: Duration::from_secs(1),
+        }
+    }
 }
 
 impl Default for Config {
@@ -202,6 +244,10 @@ impl Default for Config {
             offer_async: true,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_retained: DEFAULT_MAX_RETAINED,
+            command_timeouts: HashMap::new(),
+            default_command_timeout: None,
+            rate_limit: None,
+            command_rate_limits: HashMap::new(),
             limits: Limits::default(),
             max_memory: DEFAULT_MAX_MEMORY,
             max_clients: DEFAULT_MAX_CLIENTS,

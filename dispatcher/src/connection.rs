@@ -60,6 +60,14 @@ pub(crate) struct Connection<'p, T: Transport, C> {
     client: u64,
 }
 
+/// Sleeps until `when`; pending for ever without one (the select arm is disabled then).
+async fn sleep_until_some(when: Option<tokio::time::Instant>) {
+    match when {
+        Some(when) => tokio::time::sleep_until(when).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What a read brought.
 enum Input {
     Data,
@@ -119,6 +127,7 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
             self.account();
             let over_budget = self.over_memory_budget();
             let paused = !self.may_read() || over_budget;
+            let rate_resumes = self.session.rate_paused_until();
             tokio::select! {
                 biased;
                 () = &mut stopping => return End::Shutdown,
@@ -132,6 +141,9 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
                     }
                 }
                 Some(message) = self.outbox.recv() => self.session.on_outgoing(message),
+                ticket = std::future::poll_fn(|cx| self.session.poll_deadline(cx)),
+                    if self.session.has_deadlines() => self.session.on_deadline(ticket),
+                () = sleep_until_some(rate_resumes), if rate_resumes.is_some() => {}
                 () = self.shared.memory.freed(), if over_budget => {}
                 input = read_or_watch::<T>(
                     &mut self.reader,
@@ -298,6 +310,7 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
                 let _ = tokio::time::timeout(SHUTDOWN_FLUSH, flush).await;
             }
             End::TooSlow => {
+                crate::observe::slow_client_disconnected();
                 tracing::warn!(
                     client = self.client,
                     pending = self.write_buf.len(),

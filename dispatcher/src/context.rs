@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::QmpError;
 use crate::events::Events;
 use crate::job::{JobDriver, JobOptions};
+use crate::policy::Policy;
 use crate::qmp_return::QmpReturn;
 use crate::registry::CommandInfo;
 use crate::server::Shared;
@@ -58,15 +59,17 @@ impl Capabilities {
 pub struct ClientInfo {
     id: u64,
     peer: Option<PeerCredentials>,
+    policy: Policy,
     /// Set once, at negotiation; handlers only run afterwards.
     capabilities: AtomicU8,
 }
 
 impl ClientInfo {
-    pub(crate) fn new(id: u64, peer: Option<PeerCredentials>) -> Self {
+    pub(crate) fn new(id: u64, peer: Option<PeerCredentials>, policy: Policy) -> Self {
         ClientInfo {
             id,
             peer,
+            policy,
             capabilities: AtomicU8::new(0),
         }
     }
@@ -79,6 +82,11 @@ impl ClientInfo {
     /// The peer's credentials, on Unix sockets.
     pub fn peer(&self) -> Option<PeerCredentials> {
         self.peer
+    }
+
+    /// The policy the client is served under: which commands and events it has.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// What the client negotiated.
@@ -172,7 +180,7 @@ impl RequestContext {
     }
 
     /// Starts `driver` as this request's job, and answers `ret` according to the face the
-    /// client chose (protocol.md §14.7):
+    /// client chose (protocol.md §15.7):
     /// * with an id in `options` (the client sent `job-id`): a job in the server's table,
     ///   announced with `JOB_STATUS_CHANGE`, controlled by any client with `job-*`, kept
     ///   after the client leaves; `ret` is answered `{}` at once, after the `created` and

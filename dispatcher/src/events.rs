@@ -14,6 +14,7 @@ use slab::Slab;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::DEFAULT_EVENT_QUEUE;
+use crate::policy::Policy;
 use crate::qmp_return::Outgoing;
 use crate::wire::encode;
 
@@ -98,6 +99,8 @@ impl Default for EventSettings {
 
 struct Subscriber {
     outbox: UnboundedSender<Outgoing>,
+    /// The events this client's policy offers; `None` for all.
+    filter: Option<Policy>,
     queued: Arc<AtomicUsize>,
     lagged: Arc<AtomicBool>,
 }
@@ -160,10 +163,15 @@ impl Events {
     }
 
     /// Registers a client's outbox for every event from now on (no replay).
-    pub(crate) fn subscribe(&self, outbox: UnboundedSender<Outgoing>) -> Subscription {
+    pub(crate) fn subscribe(
+        &self,
+        outbox: UnboundedSender<Outgoing>,
+        filter: Option<Policy>,
+    ) -> Subscription {
         let queued = Arc::new(AtomicUsize::new(0));
         let subscriber = Subscriber {
             outbox,
+            filter,
             queued: Arc::clone(&queued),
             lagged: Arc::new(AtomicBool::new(false)),
         };
@@ -188,7 +196,7 @@ impl Events {
         encode::event(&mut line, name, data.as_ref(), SystemTime::now());
         let line = line.freeze();
         match self.settings().throttles.get(name) {
-            None => self.send(line),
+            None => self.send(name, line),
             Some(throttle) => self.emit_throttled(name, throttle, data.as_ref(), line),
         }
     }
@@ -222,16 +230,25 @@ impl Events {
             .len()
     }
 
-    fn send(&self, line: Bytes) {
+    fn send(&self, name: &str, line: Bytes) {
         let subscribers = self
             .hub
             .subscribers
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let capacity = self.settings().capacity.max(1);
+        let (mut sent, mut dropped) = (0, 0);
         for (_, subscriber) in subscribers.iter() {
+            if subscriber
+                .filter
+                .as_ref()
+                .is_some_and(|policy| !policy.allows_event(name))
+            {
+                continue;
+            }
             if subscriber.queued.fetch_add(1, Ordering::Relaxed) >= capacity {
                 subscriber.queued.fetch_sub(1, Ordering::Relaxed);
+                dropped += 1;
                 // Tell the connection once; it disconnects the client rather than hand it an
                 // event stream with holes.
                 if !subscriber.lagged.swap(true, Ordering::Relaxed) {
@@ -240,7 +257,10 @@ impl Events {
                 continue;
             }
             let _ = subscriber.outbox.send(Outgoing::Event(line.clone()));
+            sent += 1;
         }
+        drop(subscribers);
+        crate::observe::event_fanned_out(sent, dropped);
     }
 
     fn emit_throttled(&self, name: &str, throttle: &Throttle, data: Option<&Value>, line: Bytes) {
@@ -261,11 +281,11 @@ impl Events {
         else {
             // No runtime to run the timer on: send unthrottled rather than lose the event.
             drop(pending);
-            return self.send(line);
+            return self.send(name, line);
         };
         pending.insert(slot.clone(), None);
         drop(pending);
-        self.send(line);
+        self.send(name, line);
         let this = self.clone();
         let period = throttle.period;
         runtime.spawn(async move {
@@ -275,7 +295,7 @@ impl Events {
                 match pending.get_mut(&slot).and_then(Option::take) {
                     Some(line) => {
                         drop(pending);
-                        this.send(line);
+                        this.send(&slot.0, line);
                     }
                     None => {
                         pending.remove(&slot);
@@ -329,7 +349,7 @@ mod tests {
             throttles,
         });
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let _subscription = events.subscribe(tx);
+        let _subscription = events.subscribe(tx, None);
         for offset in 0..5 {
             events.emit("RTC_CHANGE", Some(serde_json::json!({"offset": offset})));
         }

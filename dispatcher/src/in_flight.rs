@@ -31,6 +31,8 @@ pub(crate) struct Entry {
     pub(crate) silent_success: bool,
     /// Listed in the id index (async clients, whose ids are unique).
     indexed: bool,
+    /// Its place in the session's deadline queue, if a timeout applies.
+    pub(crate) deadline: Option<tokio_util::time::delay_queue::Key>,
 }
 
 /// Slab of a client's in-flight commands, with an index by id key for async clients.
@@ -100,6 +102,13 @@ impl InFlight {
         !self.by_id.is_empty() && self.find(id_key).is_some()
     }
 
+    /// The entry of `ticket`, to change.
+    pub(crate) fn get_mut(&mut self, ticket: Ticket) -> Option<&mut Entry> {
+        self.entries
+            .get_mut(ticket.key)
+            .filter(|entry| entry.seq == ticket.seq)
+    }
+
     pub(crate) fn insert(&mut self, new: NewEntry) -> Ticket {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -114,7 +123,9 @@ impl InFlight {
             oob: new.oob,
             silent_success: new.silent_success,
             indexed: new.indexed,
+            deadline: None,
         });
+        crate::observe::in_flight_changed(1.0);
         if let Some(id_key) = key_of(&self.entries[key]) {
             let hash = self.hasher.hash_one(id_key);
             let (entries, hasher) = (&self.entries, &self.hasher);
@@ -142,6 +153,7 @@ impl InFlight {
         let entry = self.entries.remove(ticket.key);
         self.retained -= entry.id.as_ref().map_or(0, Id::heap_size);
         self.total.fetch_sub(1, Ordering::Relaxed);
+        crate::observe::in_flight_changed(-1.0);
         Some(entry)
     }
 
@@ -177,12 +189,14 @@ impl InFlight {
     }
 
     /// Cancels and forgets everything: the client is gone.
-    pub(crate) fn cancel_all(&mut self) {
+    pub(crate) fn cancel_all(&mut self, mut each: impl FnMut(&Entry)) {
         self.total.fetch_sub(self.entries.len(), Ordering::Relaxed);
+        crate::observe::in_flight_changed(-(self.entries.len() as f64));
         for entry in self.entries.drain() {
             // The client is gone either way; a reply committed first merely keeps its effect.
             entry.settlement.cancel();
             entry.cancel.cancel();
+            each(&entry);
         }
         self.by_id.clear();
         self.retained = 0;

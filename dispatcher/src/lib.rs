@@ -105,6 +105,9 @@
 //! - [`events`]: broadcast events with timestamps and throttling.
 //! - [`job`]: jobs (QEMU's `job-*` life cycle), deferred commands as their special case.
 //! - [`server`], [`transport`], [`config`]: serving, byte streams, limits and shutdown.
+//! - [`context`]: what a handler knows about its request and client.
+//! - [`policy`]: which commands and events a listener offers.
+//! - [`observe`]: metrics and the audit trail.
 //! - [`error`]: QMP error replies and registration errors.
 #![warn(missing_docs)]
 
@@ -116,7 +119,10 @@ pub mod error;
 pub mod events;
 mod in_flight;
 pub mod job;
+pub mod observe;
+pub mod policy;
 pub mod qmp_return;
+mod rate;
 pub mod registry;
 pub mod schema;
 pub mod server;
@@ -155,6 +161,7 @@ pub use context::{Capabilities, ClientInfo, Context, PeerCredentials, RequestCon
 pub use error::{ErrorClass, QmpError, RegisterError};
 pub use events::{Emit, Events, Throttle};
 pub use job::{JobDriver, JobHandle, JobInfo, JobOptions, JobStatus};
+pub use policy::Policy;
 pub use qmp_return::{IntoReply, QmpReturn, ReplyError};
 pub use registry::{Command, CommandInfo, Handler, QmpCommand, Registry, RegistryBuilder};
 pub use schema::{JsonSchema, SchemaInfo, TypeDesc};

@@ -9,7 +9,6 @@ use std::sync::{Arc, RwLock};
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use tokio::sync::Semaphore;
@@ -581,8 +580,45 @@ impl Registry {
     }
 
     /// `query-qmp-schema`'s reply, serialized when the registry was built.
-    pub(crate) fn schema_json(&self) -> &RawValue {
+    pub(crate) fn schema_bytes(&self) -> &bytes::Bytes {
         &self.schema.json
+    }
+
+    /// `query-qmp-schema`'s reply with only the commands and events the filters keep (and
+    /// the types they use), for a [`Policy`](crate::Policy) that narrows the registry.
+    pub(crate) fn schema_json_filtered(
+        &self,
+        command: impl Fn(&str) -> bool,
+        event: impl Fn(&str) -> bool,
+    ) -> bytes::Bytes {
+        self.compile_schema(command, event).json
+    }
+
+    fn compile_schema(
+        &self,
+        command: impl Fn(&str) -> bool,
+        event: impl Fn(&str) -> bool,
+    ) -> schema::Compiled {
+        let commands = self.order.iter().filter(|name| command(name)).map(|name| {
+            let entry = &self.by_name[name];
+            Declared::Command {
+                name,
+                arg: entry.arg_type,
+                ret: entry.ret_type,
+                allow_oob: entry.allow_oob,
+                features: &entry.features,
+            }
+        });
+        let events = self
+            .events
+            .iter()
+            .filter(|e| event(&e.name))
+            .map(|e| Declared::Event {
+                name: &e.name,
+                arg: e.data,
+                features: &e.features,
+            });
+        schema::build(commands.chain(events))
     }
 
     /// Names in registration order, with whether each is enabled, allows OOB, and sends a
@@ -756,23 +792,7 @@ impl<S: Send + Sync + 'static> RegistryBuilder<S> {
                 });
             }
         }
-        let commands = registry.order.iter().map(|name| {
-            let entry = &registry.by_name[name];
-            Declared::Command {
-                name,
-                arg: entry.arg_type,
-                ret: entry.ret_type,
-                allow_oob: entry.allow_oob,
-                features: &entry.features,
-            }
-        });
-        let events = registry.events.iter().map(|event| Declared::Event {
-            name: &event.name,
-            arg: event.data,
-            features: &event.features,
-        });
-        let compiled = schema::build(commands.chain(events));
-        self.registry.schema = compiled;
+        self.registry.schema = self.registry.compile_schema(|_| true, |_| true);
         Ok(self.registry)
     }
 }

@@ -36,7 +36,6 @@ use schemars::generate::{Contract, SchemaSettings};
 use schemars::{Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 pub use schemars::JsonSchema;
 
@@ -261,7 +260,8 @@ pub(crate) enum Declared<'a> {
 /// The finished schema: its entries and their serialized list.
 pub(crate) struct Compiled {
     pub(crate) entries: Vec<SchemaInfo>,
-    pub(crate) json: Box<RawValue>,
+    /// The entries as JSON text, shared by every reply.
+    pub(crate) json: bytes::Bytes,
 }
 
 /// The six builtins, always listed, as QEMU lists them.
@@ -319,8 +319,11 @@ pub(crate) fn build<'a>(declared: impl IntoIterator<Item = Declared<'a>>) -> Com
         meta: MetaType::Builtin { json_type },
         features: Vec::new(),
     }));
-    let json = serde_json::value::to_raw_value(&entries).expect("a schema serializes");
-    Compiled { entries, json }
+    let json = serde_json::to_vec(&entries).expect("a schema serializes");
+    Compiled {
+        entries,
+        json: json.into(),
+    }
 }
 
 impl Default for Compiled {
@@ -943,7 +946,7 @@ mod tests {
             .with(Command::sync("n", |_: NoArgs, _| Ok(())))
             .unwrap()
             .build();
-        let text = registry.schema_json().get();
+        let text = std::str::from_utf8(registry.schema_bytes()).unwrap();
         eprintln!(
             "{} entries, {} bytes: {text}",
             registry.schema().len(),

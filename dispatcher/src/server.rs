@@ -22,6 +22,7 @@ use crate::error::QmpError;
 use crate::events::{EventSettings, Events, Throttle};
 use crate::job::table::JobTable;
 use crate::job::{JobDriver, JobInfo, JobOptions};
+use crate::policy::Policy;
 use crate::qmp_return::ReturnShared;
 use crate::registry::Registry;
 use crate::transport::Transport;
@@ -241,6 +242,38 @@ impl ServerBuilder {
         self
     }
 
+    /// A deadline for one command: after `timeout` it is cancelled and its client gets
+    /// `Command NAME timed out after N ms` (see [`Config::timeout_for`]).
+    pub fn command_timeout(mut self, command: impl Into<String>, timeout: Duration) -> Self {
+        self.config.command_timeouts.insert(command.into(), timeout);
+        self
+    }
+
+    /// A deadline for every handler command without one of its own.
+    pub fn default_command_timeout(mut self, timeout: Duration) -> Self {
+        self.config.default_command_timeout = Some(timeout);
+        self
+    }
+
+    /// Limits how fast one client may start commands of any name (see
+    /// [`RateLimit`](crate::config::RateLimit)).
+    pub fn rate_limit(mut self, limit: crate::config::RateLimit) -> Self {
+        self.config.rate_limit = Some(limit);
+        self
+    }
+
+    /// Limits how fast one client may start `command`.
+    pub fn command_rate_limit(
+        mut self,
+        command: impl Into<String>,
+        limit: crate::config::RateLimit,
+    ) -> Self {
+        self.config
+            .command_rate_limits
+            .insert(command.into(), limit);
+        self
+    }
+
     /// Rate-limits an event name ([`crate::config::qemu_throttles`] lists QEMU's).
     pub fn throttle(mut self, event: impl Into<String>, throttle: Throttle) -> Self {
         self.config.throttles.insert(event.into(), throttle);
@@ -321,6 +354,7 @@ pub struct Admitted<T> {
     /// The listener's name for the peer, for the log.
     peer: Option<String>,
     credentials: Option<PeerCredentials>,
+    policy: Policy,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -333,6 +367,17 @@ impl<T> Admitted<T> {
     /// The peer's credentials, read when it was admitted (Unix sockets only).
     pub fn peer_credentials(&self) -> Option<PeerCredentials> {
         self.credentials
+    }
+
+    /// The policy the client will be served under ([`Policy::full`] unless set).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Serves the client under `policy`.
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
     }
 }
 
@@ -442,6 +487,40 @@ impl Server {
         .await
     }
 
+    /// [`serve`](Self::serve), with every client of this listener under `policy`: a
+    /// read-only monitor beside a full one, say.
+    pub async fn serve_with_policy<L>(&self, listener: L, policy: Policy) -> io::Result<()>
+    where
+        L: Listener,
+        L::Io: Transport,
+        L::Addr: std::fmt::Debug,
+    {
+        self.serve_with_policy_for(listener, move |_| policy.clone())
+            .await
+    }
+
+    /// [`serve`](Self::serve), with each client's policy chosen from its peer credentials
+    /// (`None` where the transport has none): uid 0 gets everything, others read-only, say.
+    pub async fn serve_with_policy_for<L, F>(&self, listener: L, choose: F) -> io::Result<()>
+    where
+        L: Listener,
+        L::Io: Transport,
+        L::Addr: std::fmt::Debug,
+        F: Fn(Option<PeerCredentials>) -> Policy + Send + Sync + 'static,
+    {
+        let choose = Arc::new(choose);
+        self.serve_with(listener, move |server, client| {
+            let policy = choose(client.peer_credentials());
+            async move {
+                let mut parts = ConnectionParts::new(server.codec());
+                server
+                    .serve_admitted(client.with_policy(policy), &mut parts)
+                    .await;
+            }
+        })
+        .await
+    }
+
     /// Accepts clients on a Unix socket; the same as [`serve`](Self::serve).
     pub async fn serve_unix(&self, listener: UnixListener) -> io::Result<()> {
         self.serve(listener).await
@@ -475,10 +554,12 @@ impl Server {
             match accepted {
                 Ok((transport, peer)) => {
                     transport.on_accept();
+                    let credentials = transport.peer_credentials();
                     let client = Admitted {
-                        credentials: transport.peer_credentials(),
+                        credentials,
                         transport,
                         peer: Some(format!("{peer:?}")),
+                        policy: Policy::full(),
                         _slot: slot,
                     };
                     self.connections.spawn(serve_client(self.clone(), client));
@@ -495,6 +576,7 @@ impl Server {
             credentials: transport.peer_credentials(),
             transport,
             peer: None,
+            policy: Policy::full(),
             _slot: slot,
         })
     }
@@ -535,18 +617,21 @@ impl Server {
             peer = client.peer.as_deref(),
             uid = creds.map(|c| c.uid),
             pid = creds.and_then(|c| c.pid),
+            policy = client.policy.name(),
         );
         let _task = self.connections.token();
         counters.clients.fetch_add(1, Ordering::Relaxed);
+        crate::observe::clients_changed(1.0);
         let connection = Connection::new(
             Arc::clone(&self.shared),
             client.transport,
             parts,
             self.shutdown.child_token(),
-            Arc::new(ClientInfo::new(id, creds)),
+            Arc::new(ClientInfo::new(id, creds, client.policy)),
         );
         let end: End = connection.run().instrument(span).await;
         counters.clients.fetch_sub(1, Ordering::Relaxed);
+        crate::observe::clients_changed(-1.0);
         tracing::debug!(client = id, ?end, "client disconnected");
     }
 

@@ -8,12 +8,14 @@
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::time::DelayQueue;
 
 use crate::config::{LEGACY_QUEUE_LEN, OOB_RESERVE};
 use crate::context::{Capabilities, ClientInfo, RequestContext};
@@ -22,7 +24,9 @@ use crate::events::Subscription;
 use crate::in_flight::{self, InFlight, NewEntry};
 use crate::job::table::JobTable;
 use crate::job::{JobStatus, JobVerb};
+use crate::observe;
 use crate::qmp_return::{Completion, Outcome, Outgoing, QmpReturn, Settlement, Ticket};
+use crate::rate::RateLimits;
 use crate::registry::{Builtin, Dispatcher};
 use crate::server::Shared;
 use crate::wire::request::{self, Request, RequestError};
@@ -65,6 +69,10 @@ pub(crate) struct Session {
     events: Option<Subscription>,
     /// Events were lost because this client fell behind; the connection must end.
     lagged: bool,
+    /// The client's command rate limits, when the server sets any.
+    rate: Option<RateLimits>,
+    /// When each command with a timeout is cancelled, unless it ends first.
+    deadlines: DelayQueue<Ticket>,
     /// `query-version`'s reply, this session's own copy: sharing one allocation among all
     /// connections would bounce its reference count between cores on every reply.
     version_json: Bytes,
@@ -93,6 +101,8 @@ impl Session {
             cancel,
             events: None,
             lagged: false,
+            deadlines: DelayQueue::new(),
+            rate: RateLimits::configured(&shared.config).then(RateLimits::default),
             version_json: Bytes::copy_from_slice(&shared.version_json),
             shared,
         };
@@ -110,6 +120,9 @@ impl Session {
     /// clients; for async clients, one frame of lookahead beyond the in-flight cap and the
     /// retained budget, so control commands still run there.
     pub(crate) fn wants_input(&self) -> bool {
+        if self.rate_paused_until().is_some() {
+            return false;
+        }
         if self.async_mode {
             return self.lookahead.is_none();
         }
@@ -190,10 +203,73 @@ impl Session {
         self.advance();
     }
 
+    /// While the client is over its rate limit: when reading may resume.
+    pub(crate) fn rate_paused_until(&self) -> Option<tokio::time::Instant> {
+        self.rate.as_ref().and_then(RateLimits::paused_until)
+    }
+
+    /// True while some command in flight has a deadline.
+    pub(crate) fn has_deadlines(&self) -> bool {
+        !self.deadlines.is_empty()
+    }
+
+    /// Resolves with the next command whose deadline passed; pending while none has.
+    pub(crate) fn poll_deadline(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Ticket> {
+        match self.deadlines.poll_expired(cx) {
+            Poll::Ready(Some(expired)) => Poll::Ready(expired.into_inner()),
+            _ => Poll::Pending,
+        }
+    }
+
+    /// A command's deadline passed: it is cancelled as `async-command-cancel` cancels it,
+    /// and its client told so (unless a reply was committed first: then that reply stands).
+    pub(crate) fn on_deadline(&mut self, ticket: Ticket) {
+        let won = self
+            .in_flight
+            .get(ticket)
+            .is_some_and(|entry| entry.settlement.cancel());
+        let Some(mut entry) = won.then(|| self.in_flight.take(ticket)).flatten() else {
+            return;
+        };
+        entry.deadline = None; // Expired: no longer in the queue.
+        entry.cancel.cancel();
+        let after = self
+            .shared
+            .config
+            .timeout_for(&entry.command)
+            .unwrap_or_default();
+        let desc = format!(
+            "Command {} timed out after {} ms",
+            entry.command,
+            after.as_millis()
+        );
+        tracing::debug!(client = self.client, cmd = %entry.command, "command timed out");
+        observe::command_finished(
+            &self.info,
+            &entry.command,
+            Some(entry.started),
+            observe::Outcome::TimedOut,
+            None,
+        );
+        self.push_error(entry.id, QmpError::generic(desc));
+        self.left_in_flight(ticket);
+        self.advance();
+    }
+
     /// The client is gone or the server stops: cancel everything it had in flight.
     pub(crate) fn close(&mut self) {
         let cancelled = self.in_flight.len();
-        self.in_flight.cancel_all();
+        self.deadlines.clear();
+        let info = &self.info;
+        self.in_flight.cancel_all(|entry| {
+            observe::command_finished(
+                info,
+                &entry.command,
+                Some(entry.started),
+                observe::Outcome::Abandoned,
+                None,
+            )
+        });
         self.backlog.clear();
         self.lookahead = None;
         self.running = None;
@@ -213,6 +289,18 @@ impl Session {
         let Some(entry) = self.in_flight.take(completion.ticket) else {
             return; // Cancelled: the reply has nobody to go to.
         };
+        self.forget_deadline(&entry);
+        let (outcome, error) = match &completion.outcome {
+            Outcome::Return(_) => (observe::Outcome::Ok, None),
+            Outcome::Error(error) => (observe::Outcome::Error, Some(error)),
+        };
+        observe::command_finished(
+            &self.info,
+            &entry.command,
+            Some(entry.started),
+            outcome,
+            error,
+        );
         match completion.outcome {
             Outcome::Return(_) if entry.silent_success => {}
             Outcome::Return(value) => self.output.push_back(Message::Return {
@@ -223,6 +311,12 @@ impl Session {
             Outcome::Error(error) => self.push_error(entry.id, error),
         }
         self.left_in_flight(completion.ticket);
+    }
+
+    fn forget_deadline(&mut self, entry: &in_flight::Entry) {
+        if let Some(key) = &entry.deadline {
+            self.deadlines.try_remove(key);
+        }
     }
 
     /// A command left the in-flight table; [`advance`](Self::advance) then starts what
@@ -310,46 +404,54 @@ impl Session {
             id,
             ..
         } = request;
+        if let Some(rate) = &mut self.rate {
+            rate.record(&self.shared.config, &name);
+        }
         if !self.negotiated && name != "qmp_capabilities" {
             let error = QmpError::command_not_found(
                 "Expecting capabilities negotiation with 'qmp_capabilities'",
             );
-            self.push_error(id, error);
-            return None;
+            return self.refuse(id, &name, error);
         }
         if let Err(error) = self.async_checks(id.as_ref()) {
-            self.push_error(id, error);
-            return None;
+            return self.refuse(id, &name, error);
         }
         let shared = Arc::clone(&self.shared);
-        let Some(command) = shared.registry.get(&name) else {
+        let offered = self.info.policy().allows_command(&name);
+        let Some(command) = shared.registry.get(&name).filter(|_| offered) else {
             let error =
                 QmpError::command_not_found(format!("The command {name} has not been found"));
-            self.push_error(id, error);
-            return None;
+            return self.refuse(id, &name, error);
         };
         if let Some(reason) = command.disabled() {
             let desc = match reason {
                 Some(reason) => format!("Command {name} has been disabled: {reason}"),
                 None => format!("Command {name} has been disabled"),
             };
-            self.push_error(id, QmpError::command_not_found(desc));
-            return None;
+            return self.refuse(id, &name, QmpError::command_not_found(desc));
         }
         if oob && !command.allow_oob {
             let error = QmpError::generic(format!("The command {name} does not support OOB"));
-            self.push_error(id, error);
-            return None;
+            return self.refuse(id, &name, error);
         }
         let handler = match &command.kind {
             Dispatcher::Builtin(builtin) => {
                 match self.builtin(*builtin, arguments) {
-                    Ok(value) => self.output.push_back(Message::Return {
-                        command: None,
-                        id,
-                        value,
-                    }),
-                    Err(error) => self.push_error(id, error),
+                    Ok(value) => {
+                        let outcome = observe::Outcome::Ok;
+                        observe::command_finished(&self.info, &command.name, None, outcome, None);
+                        self.output.push_back(Message::Return {
+                            command: None,
+                            id,
+                            value,
+                        })
+                    }
+                    Err(error) => {
+                        let outcome = observe::Outcome::Error;
+                        let info = &self.info;
+                        observe::command_finished(info, &command.name, None, outcome, Some(&error));
+                        self.push_error(id, error)
+                    }
                 }
                 return None;
             }
@@ -367,6 +469,12 @@ impl Session {
             silent_success: command.silent_success,
             indexed: self.async_mode,
         });
+        if let Some(after) = shared.config.timeout_for(&command.name) {
+            let key = self.deadlines.insert(ticket, after);
+            if let Some(entry) = self.in_flight.get_mut(ticket) {
+                entry.deadline = Some(key);
+            }
+        }
         let outbox = self
             .outbox
             .clone()
@@ -394,6 +502,14 @@ impl Session {
             tracing::error!("command handler panicked");
         }
         Some(ticket)
+    }
+
+    /// Answers a request refused before it ran, and records it.
+    fn refuse(&mut self, id: Option<Id>, name: &str, error: QmpError) -> Option<Ticket> {
+        let outcome = observe::Outcome::Refused;
+        observe::command_finished(&self.info, &Arc::from(name), None, outcome, Some(&error));
+        self.push_error(id, error);
+        None
     }
 
     /// The async capability's rules: an id is required and must not match one in flight.
@@ -428,7 +544,12 @@ impl Session {
             }
             Builtin::QueryCommands => {
                 no_args(arguments)?;
-                let names = self.shared.registry.commands().filter(|c| c.enabled);
+                let policy = self.info.policy();
+                let names = self
+                    .shared
+                    .registry
+                    .commands()
+                    .filter(|c| c.enabled && policy.allows_command(c.name));
                 Value::Array(
                     names
                         .map(|c| serde_json::json!({ "name": c.name }))
@@ -437,9 +558,7 @@ impl Session {
             }
             Builtin::QueryQmpSchema => {
                 no_args(arguments)?;
-                return Ok(Bytes::copy_from_slice(
-                    self.shared.registry.schema_json().get().as_bytes(),
-                ));
+                return Ok(self.info.policy().schema_json(&self.shared.registry));
             }
             Builtin::QueryAsyncCommands => {
                 no_args(arguments)?;
@@ -537,7 +656,9 @@ impl Session {
     /// Events start flowing to this client, if the dialect has events.
     fn subscribe(&mut self) {
         if let (true, Some(outbox)) = (self.shared.config.dialect.events, &self.outbox) {
-            self.events = Some(self.shared.events.subscribe(outbox.clone()));
+            let policy = self.info.policy();
+            let filter = (!policy.is_full()).then(|| policy.clone());
+            self.events = Some(self.shared.events.subscribe(outbox.clone(), filter));
         }
     }
 
@@ -565,6 +686,14 @@ impl Session {
             )));
         };
         entry.cancel.cancel();
+        self.forget_deadline(&entry);
+        observe::command_finished(
+            &self.info,
+            &entry.command,
+            Some(entry.started),
+            observe::Outcome::Cancelled,
+            None,
+        );
         tracing::debug!(client = self.client, cmd = %entry.command, "command cancelled by the client");
         let error = QmpError::generic(format!("Command {} has been cancelled", entry.command));
         self.push_error(entry.id, error);
@@ -902,7 +1031,11 @@ mod tests_support {
             let server = configure(Server::builder(registry.build())).build();
             let (tx, outbox) = mpsc::unbounded_channel();
             let cancel = CancellationToken::new();
-            let info = Arc::new(crate::context::ClientInfo::new(0, None));
+            let info = Arc::new(crate::context::ClientInfo::new(
+                0,
+                None,
+                crate::Policy::full(),
+            ));
             let session = Session::new(Arc::clone(server.shared()), info, tx, cancel.clone());
             let mut harness = Harness {
                 session,

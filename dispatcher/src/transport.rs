@@ -45,8 +45,9 @@ pub trait Transport: Send + 'static {
     }
 }
 
-/// How often a half-open Unix socket is checked for a full close.
-const DEPARTURE_POLL: Duration = Duration::from_millis(20);
+/// How long reading must stay paused before a Unix socket is watched for its peer's full
+/// close: most commands end sooner, and a watch costs a `dup` and an epoll registration.
+const DEPARTURE_GRACE: Duration = Duration::from_millis(10);
 
 impl Transport for UnixStream {
     type Reader = unix::OwnedReadHalf;
@@ -67,15 +68,32 @@ impl Transport for UnixStream {
 
     #[allow(clippy::manual_async_fn)] // The trait promises a `Send` future.
     fn departed(reader: &Self::Reader) -> impl Future<Output = ()> + Send + '_ {
-        // A Unix socket whose peer closed both directions reports a hang-up (write side
-        // closed); after a mere shutdown(SHUT_WR) it does not.
+        // A Unix socket whose peer closed both directions reports a hang-up (EPOLLHUP, write
+        // side closed); after a mere shutdown(SHUT_WR) it does not. The kernel says so as an
+        // edge on a registration of our own, a duplicate of the socket's descriptor, so that
+        // clearing its readiness to wait for the next edge never touches the connection's
+        // reader and writer: no timer, no polling while the client idles.
         async move {
+            tokio::time::sleep(DEPARTURE_GRACE).await;
+            use std::os::fd::AsFd;
+            let watch = reader
+                .as_ref()
+                .as_fd()
+                .try_clone_to_owned()
+                .and_then(|fd| UnixStream::from_std(std::os::unix::net::UnixStream::from(fd)));
+            let Ok(watch) = watch else {
+                // Out of descriptors: the departure is noticed when a reply fails instead.
+                return std::future::pending().await;
+            };
             loop {
-                match reader.ready(Interest::WRITABLE).await {
+                match watch.ready(Interest::WRITABLE).await {
                     Ok(ready) if !ready.is_write_closed() => {}
                     _ => return,
                 }
-                tokio::time::sleep(DEPARTURE_POLL).await;
+                // Writable, but not hung up: forget that, and wait for the socket's next edge.
+                let _ = watch.try_io(Interest::WRITABLE, || {
+                    Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                });
             }
         }
     }

@@ -33,6 +33,8 @@ pub struct DemoOptions {
     pub display_size: (u32, u32),
     /// Blocking steps `screendump` runs at once (see `Screendump::new`).
     pub screendump_max_blocking: usize,
+    /// Deadlines by command name (`--timeout NAME=MS`).
+    pub command_timeouts: Vec<(String, Duration)>,
     /// Test hook: `screendump` sleeps this long per chunk of rows, to be caught in flight.
     #[doc(hidden)]
     pub screendump_chunk_delay: Duration,
@@ -47,6 +49,7 @@ impl Default for DemoOptions {
             max_memory: qmp_dispatcher::config::DEFAULT_MAX_MEMORY,
             display_size: (1920, 1080),
             screendump_max_blocking: DEFAULT_SCREENDUMP_MAX_BLOCKING,
+            command_timeouts: Vec::new(),
             screendump_chunk_delay: Duration::ZERO,
         }
     }
@@ -89,6 +92,9 @@ pub fn build(
     let mut builder = Server::builder(registry.try_build()?);
     for (event, throttle) in qemu_throttles() {
         builder = builder.throttle(event, throttle);
+    }
+    for (command, timeout) in &options.command_timeouts {
+        builder = builder.command_timeout(command, *timeout);
     }
     let server = builder
         .version(VersionInfo::new(

@@ -395,3 +395,66 @@ async fn screendump_filename_of_the_wrong_type_gets_qemus_text() {
         )
     );
 }
+
+#[tokio::test]
+async fn readonly_listener_timeouts_and_metrics_from_the_command_line() {
+    let scratch = Scratch::new();
+    let read_only = scratch.path("ro.sock");
+    let demo = Demo::start(&[
+        "--qmp",
+        &format!("unix:{},readonly", read_only.display()),
+        "--timeout",
+        "x-delay=100",
+        "--metrics",
+    ])
+    .await;
+    let start = Instant::now();
+    while !read_only.exists() {
+        assert!(start.elapsed() < PROCESS_TIMEOUT, "{}", demo.log());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let mut full = Client::connect(&demo.qmp).await;
+    full.greeting().await;
+    full.negotiate(&[]).await;
+    full.execute("x-delay", json!({"ms": 1000}), json!(1)).await;
+    let reply = full.recv_reply().await;
+    let text = "Command x-delay timed out after 100 ms";
+    assert_eq!(reply, error_reply(Some(json!(1)), "GenericError", text));
+
+    let mut ro = Client::connect(&read_only).await;
+    ro.greeting().await;
+    ro.negotiate(&[]).await;
+    ro.execute("query-commands", json!({}), json!(2)).await;
+    let reply = ro.recv_reply().await;
+    let names: Vec<&str> = reply["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"query-status") && !names.contains(&"stop"),
+        "{names:?}"
+    );
+    ro.execute("stop", json!({}), json!(3)).await;
+    let text = "The command stop has not been found";
+    assert_eq!(
+        ro.recv_reply().await,
+        error_reply(Some(json!(3)), "CommandNotFound", text)
+    );
+
+    demo.signal("USR1").await;
+    let start = Instant::now();
+    while !demo.log().contains("qmp_commands_total") {
+        assert!(
+            start.elapsed() < PROCESS_TIMEOUT,
+            "no metrics:\n{}",
+            demo.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = demo.log();
+    assert!(log.contains(r#"outcome="timed-out""#), "{log}");
+    assert!(log.contains("qmp_clients_connected 2"), "{log}");
+}

@@ -186,3 +186,33 @@ async fn shutdown_cancels_in_flight_and_closes_every_connection() {
             || server.server.is_shut_down()
     );
 }
+
+/// The departure watch starts after a short grace (10 ms) and then waits on the kernel's
+/// hang-up edge, not a timer: a client that leaves long after its command started is still
+/// noticed, and one that only half-closes keeps its reply.
+#[tokio::test]
+async fn departures_are_noticed_by_hang_up_long_after_reading_paused() {
+    let server = TestServer::start().await;
+    let mut leaving = server.negotiated(&[]).await;
+    leaving
+        .send(br#"{"execute":"hold","arguments":{"key":"gone"},"id":1}{"execute":"echo","id":2}"#)
+        .await;
+    server.holds.wait_parked("gone").await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    drop(leaving);
+    server.holds.wait_cancelled("gone").await;
+
+    let mut half = server.negotiated(&[]).await;
+    half.send(br#"{"execute":"hold","arguments":{"key":"half"},"id":3}"#)
+        .await;
+    server.holds.wait_parked("half").await;
+    half.shutdown_write().await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    server
+        .holds
+        .release("half", serde_json::json!({"still": "here"}));
+    assert_eq!(
+        half.recv_reply().await,
+        qmp_tests::return_reply(serde_json::json!({"still": "here"}), serde_json::json!(3))
+    );
+}

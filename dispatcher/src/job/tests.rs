@@ -100,7 +100,7 @@ impl Bench {
     fn new() -> Bench {
         let events = Events::new();
         let (tx, rx) = mpsc::unbounded_channel();
-        let subscription = events.subscribe(tx);
+        let subscription = events.subscribe(tx, None);
         let tasks = TaskTracker::new();
         Bench {
             table: JobTable::new(events, tasks.clone(), CancellationToken::new()),

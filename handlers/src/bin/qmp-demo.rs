@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
+use qmp_dispatcher::Policy;
 use qmp_handlers::demo::{self, DemoOptions};
 use qmp_handlers::run_state::HostShutdown;
 use tokio::net::TcpListener;
@@ -20,8 +21,9 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "qmp-demo", version)]
 struct Cli {
-    /// Where to serve QMP: `unix:PATH` or `tcp:HOST:PORT`. Repeatable; every listener takes
-    /// many clients.
+    /// Where to serve QMP: `unix:PATH` or `tcp:HOST:PORT`, optionally followed by
+    /// `,readonly` (that listener offers only `query-*` commands, `qmp_capabilities` and the
+    /// async built-ins). Repeatable; every listener takes many clients.
     #[arg(long = "qmp", value_name = "ADDR", required = true)]
     qmp: Vec<Listen>,
     /// Serve the guest-agent protocol (qemu-ga framing: guest-sync, guest-sync-delimited,
@@ -44,6 +46,14 @@ struct Cli {
     /// Permissions of the Unix sockets (octal, at most 777).
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
+    /// A command's deadline, `NAME=MS`: after MS milliseconds the command is cancelled and
+    /// its client gets `Command NAME timed out after MS ms`. Repeatable.
+    #[arg(long = "timeout", value_name = "NAME=MS", value_parser = parse_timeout)]
+    timeouts: Vec<(String, std::time::Duration)>,
+    /// Record the dispatcher's metrics; SIGUSR1 prints them to stderr in Prometheus text
+    /// format.
+    #[arg(long)]
+    metrics: bool,
     /// Test hook: milliseconds `screendump` sleeps per chunk of rows, so that tests can cancel
     /// a dump while its file is half written.
     #[arg(long, hide = true, value_name = "MS", default_value_t = 0)]
@@ -66,9 +76,9 @@ impl Cli {
     /// The same socket path twice (two `--qmp`, or `--qmp` and `--qga`) would have the
     /// second listener fail, or, worse, silently serve one protocol on the other's path.
     fn check(&self) -> Result<(), String> {
-        let qmp = self.qmp.iter().filter_map(|listen| match listen {
-            Listen::Unix(path) => Some(("--qmp", path)),
-            Listen::Tcp(_) => None,
+        let qmp = self.qmp.iter().filter_map(|listen| match &listen.at {
+            Address::Unix(path) => Some(("--qmp", path)),
+            Address::Tcp(_) => None,
         });
         let qga = self.qga.iter().map(|path| ("--qga", path));
         let mut seen: Vec<(&str, &PathBuf, PathBuf)> = Vec::new();
@@ -100,8 +110,16 @@ fn normalised(path: &Path) -> PathBuf {
     }
 }
 
+/// One `--qmp` listener.
 #[derive(Debug, Clone)]
-enum Listen {
+struct Listen {
+    at: Address,
+    /// `,readonly`: only `query-*` commands (`Policy::read_only`).
+    read_only: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Address {
     Unix(PathBuf),
     Tcp(String),
 }
@@ -110,14 +128,44 @@ impl std::str::FromStr for Listen {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            unix_path(path).map(Listen::Unix)
+        let (s, read_only) = match s.strip_suffix(",readonly") {
+            Some(address) => (address, true),
+            None => (s, false),
+        };
+        let at = if let Some(path) = s.strip_prefix("unix:") {
+            Address::Unix(unix_path(path)?)
         } else if let Some(addr) = s.strip_prefix("tcp:") {
-            Ok(Listen::Tcp(addr.to_string()))
+            Address::Tcp(addr.to_string())
         } else {
-            Err(format!("expected unix:PATH or tcp:HOST:PORT, got '{s}'"))
+            return Err(format!(
+                "expected unix:PATH or tcp:HOST:PORT, got '{s}' (add ,readonly for a read-only listener)"
+            ));
+        };
+        Ok(Listen { at, read_only })
+    }
+}
+
+impl Listen {
+    fn policy(&self) -> Policy {
+        if self.read_only {
+            Policy::read_only()
+        } else {
+            Policy::full()
         }
     }
+}
+
+fn parse_timeout(s: &str) -> Result<(String, std::time::Duration), String> {
+    let (name, ms) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=MS, got '{s}'"))?;
+    let ms: u64 = ms
+        .parse()
+        .map_err(|e| format!("bad milliseconds in '{s}': {e}"))?;
+    if name.is_empty() {
+        return Err(format!("expected a command name in '{s}'"));
+    }
+    Ok((name.to_string(), std::time::Duration::from_millis(ms)))
 }
 
 fn unix_path(path: &str) -> Result<PathBuf, String> {
@@ -175,6 +223,8 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     // Installed before any socket exists: once a client can connect, a signal ends the demo
     // cleanly rather than by its default action.
     let mut signals = ShutdownSignals::install()?;
+    // What to tell the user once everything listens.
+    let mut banner = Vec::new();
     let stop = tokio_util::sync::CancellationToken::new();
     let on_quit = stop.clone();
     let options = DemoOptions {
@@ -183,40 +233,54 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         max_bytes: cli.max_bytes,
         max_memory: cli.max_memory,
         screendump_chunk_delay: std::time::Duration::from_millis(cli.screendump_chunk_delay_ms),
+        command_timeouts: cli.timeouts.clone(),
         ..DemoOptions::default()
     };
+    if cli.metrics {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder)
+            .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                eprint!("{}", handle.render());
+            }
+        });
+        banner.push("metrics: kill -USR1 <pid> prints them to stderr".to_string());
+    }
     let demo = demo::build(&options, move || on_quit.cancel())?;
     let server = demo.server.clone();
 
     // Removed however `run` ends, so a failed start leaves no socket file behind.
     let mut sockets = SocketFiles(Vec::new());
     let mut listeners = tokio::task::JoinSet::new();
-    // What to tell the user once everything listens.
-    let mut banner = Vec::new();
     for listen in &cli.qmp {
-        match listen {
-            Listen::Unix(path) => {
+        let policy = listen.policy();
+        let mode = if listen.read_only { " (read-only)" } else { "" };
+        match &listen.at {
+            Address::Unix(path) => {
                 let listener = qmp_dispatcher::bind_unix(path, cli.socket_mode)
                     .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
                 sockets.0.push(path.clone());
                 banner.push(format!(
-                    "QMP on unix:{0}; connect with: qmp-shell {0}",
+                    "QMP{mode} on unix:{0}; connect with: qmp-shell {0}",
                     path.display()
                 ));
                 let server = server.clone();
-                listeners.spawn(async move { server.serve_unix(listener).await });
+                listeners.spawn(async move { server.serve_with_policy(listener, policy).await });
             }
-            Listen::Tcp(addr) => {
+            Address::Tcp(addr) => {
                 let listener = TcpListener::bind(addr)
                     .await
                     .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
                 // The bound address, so that port 0 shows the port chosen.
                 let local = listener.local_addr()?;
                 banner.push(format!(
-                    "QMP on tcp:{local}; connect with: qmp-shell {local}"
+                    "QMP{mode} on tcp:{local}; connect with: qmp-shell {local}"
                 ));
                 let server = server.clone();
-                listeners.spawn(async move { server.serve_tcp(listener).await });
+                listeners.spawn(async move { server.serve_with_policy(listener, policy).await });
             }
         }
     }
