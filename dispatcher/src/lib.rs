@@ -103,6 +103,7 @@
 //! - [`schema`]: `query-qmp-schema`, derived from the handlers' Rust types.
 //! - [`mod@qmp_return`]: the reply owed to one request.
 //! - [`events`]: broadcast events with timestamps and throttling.
+//! - [`job`]: jobs (QEMU's `job-*` life cycle), deferred commands as their special case.
 //! - [`server`], [`transport`], [`config`]: serving, byte streams, limits and shutdown.
 //! - [`context`]: what a handler knows about its request and client.
 //! - [`policy`]: which commands and events a listener offers.
@@ -117,6 +118,7 @@ pub mod context;
 pub mod error;
 pub mod events;
 mod in_flight;
+pub mod job;
 pub mod observe;
 pub mod policy;
 pub mod qmp_return;
@@ -158,6 +160,7 @@ pub use config::{Config, Dialect, VersionInfo};
 pub use context::{Capabilities, ClientInfo, Context, PeerCredentials, RequestContext};
 pub use error::{ErrorClass, QmpError, RegisterError};
 pub use events::{Emit, Events, Throttle};
+pub use job::{JobDriver, JobHandle, JobInfo, JobOptions, JobStatus};
 pub use policy::Policy;
 pub use qmp_return::{IntoReply, QmpReturn, ReplyError};
 pub use registry::{Command, CommandInfo, Handler, QmpCommand, Registry, RegistryBuilder};
