@@ -11,7 +11,9 @@ use tokio_util::sync::CancellationToken;
 use crate::error::QmpError;
 use crate::events::Events;
 use crate::fd::{Access, ClientFds, FdsetFile};
+use crate::job::{JobDriver, JobOptions};
 use crate::policy::Policy;
+use crate::qmp_return::QmpReturn;
 use crate::registry::CommandInfo;
 use crate::server::Shared;
 
@@ -197,7 +199,45 @@ impl RequestContext {
         self.shared.fdsets.open(path, access)
     }
 
-    #[allow(dead_code)] // For the fd and job built-ins that reach the server through here.
+    /// Starts `driver` as this request's job, and answers `ret` according to the face the
+    /// client chose (protocol.md §15.7):
+    /// * with an id in `options` (the client sent `job-id`): a job in the server's table,
+    ///   announced with `JOB_STATUS_CHANGE`, controlled by any client with `job-*`, kept
+    ///   after the client leaves; `ret` is answered `{}` at once, after the `created` and
+    ///   `running` events, or with the id error (`Invalid job ID 'ID'`,
+    ///   `Job ID 'ID' already in use`);
+    /// * without: the same work as a deferred command, private to the request: no events,
+    ///   listed by the caller's `query-async-commands` with its status and progress,
+    ///   cancelled with the request, finalized as soon as its work ends; `ret` is answered
+    ///   then, `{}` or the job's error.
+    pub fn start_job<D: JobDriver>(&self, options: JobOptions, driver: D, ret: QmpReturn) {
+        if options.job_id().is_some() {
+            return ret.reply(self.shared.jobs.start(options, driver));
+        }
+        let core = Arc::clone(ret.settlement().core());
+        let cancel = ret.cancellation_token();
+        self.shared.jobs.start_private(
+            options,
+            driver,
+            core,
+            cancel,
+            Box::new(move |outcome| ret.reply(outcome)),
+        );
+    }
+
+    /// Starts `driver` as a job in the server's table, for a command that only starts jobs
+    /// (QEMU's `blockdev-create`): without an id in `options` this is
+    /// `Parameter 'job-id' is missing`. The caller replies (`{}` on success, QEMU's
+    /// convention).
+    pub fn start_public_job<D: JobDriver>(
+        &self,
+        options: JobOptions,
+        driver: D,
+    ) -> Result<(), QmpError> {
+        self.shared.jobs.start(options, driver)
+    }
+
+    #[allow(dead_code)] // For the fd built-ins that reach the server through here.
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }

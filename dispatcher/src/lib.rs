@@ -104,6 +104,7 @@
 //! - [`mod@qmp_return`]: the reply owed to one request.
 //! - [`events`]: broadcast events with timestamps and throttling.
 //! - [`fd`]: file descriptors passed over Unix sockets (`getfd`, `add-fd`, `/dev/fdset/N`).
+//! - [`job`]: jobs (QEMU's `job-*` life cycle), deferred commands as their special case.
 //! - [`server`], [`transport`], [`config`]: serving, byte streams, limits and shutdown.
 //! - [`context`]: what a handler knows about its request and client.
 //! - [`policy`]: which commands and events a listener offers.
@@ -119,6 +120,7 @@ pub mod error;
 pub mod events;
 pub mod fd;
 mod in_flight;
+pub mod job;
 pub mod observe;
 pub mod policy;
 pub mod qmp_return;
@@ -161,6 +163,7 @@ pub use context::{Capabilities, ClientInfo, Context, PeerCredentials, RequestCon
 pub use error::{ErrorClass, QmpError, RegisterError};
 pub use events::{Emit, Events, Throttle};
 pub use fd::{Access, FdLimits, FdsetFile};
+pub use job::{JobDriver, JobHandle, JobInfo, JobOptions, JobStatus};
 pub use policy::Policy;
 pub use qmp_return::{IntoReply, QmpReturn, ReplyError};
 pub use registry::{Command, CommandInfo, Handler, QmpCommand, Registry, RegistryBuilder};

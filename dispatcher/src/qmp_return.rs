@@ -1,7 +1,7 @@
 //! `QmpReturn`: the one reply a request is owed, deliverable now or later, from any thread.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -10,6 +10,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 
 use crate::error::QmpError;
+use crate::job::JobStatus;
+use crate::job::core::Core;
 
 /// Names one dispatched request inside its connection. The sequence number makes a late
 /// completion harmless after its slab slot has been reused.
@@ -44,36 +46,37 @@ pub(crate) enum Outcome {
     Error(QmpError),
 }
 
-/// Which came first for one request: a committed reply or its cancellation. Shared by the
-/// request's [`QmpReturn`] and its in-flight entry, so that the handler and the session agree
-/// on one outcome (see [`QmpReturn::ok_unless_cancelled`]).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Settlement(Arc<AtomicU8>);
+/// The request's tracking core, the same one a job has (`crate::job::core::Core`): which
+/// came first, a committed reply or its cancellation, and the status and progress
+/// `query-async-commands` shows. Shared by the request's [`QmpReturn`] and its in-flight
+/// entry, so that the handler and the session agree on one outcome (see
+/// [`QmpReturn::ok_unless_cancelled`]); a command run as a private job shares it with its
+/// job record.
+#[derive(Debug, Clone)]
+pub(crate) struct Settlement(Arc<Core>);
+
+impl Default for Settlement {
+    fn default() -> Self {
+        // Dispatched means started: `created` passes unseen, as for any deferred command.
+        Settlement(Arc::new(Core::new(JobStatus::Running)))
+    }
+}
 
 impl Settlement {
-    const OPEN: u8 = 0;
-    const REPLIED: u8 = 1;
-    const CANCELLED: u8 = 2;
-
     /// Settles the request as cancelled unless a reply was committed first; true if the
     /// request is (now or already) cancelled.
     pub(crate) fn cancel(&self) -> bool {
-        self.settle(Self::CANCELLED)
+        self.0.request_cancel()
     }
 
     /// Settles the request as replied unless it was cancelled first; true if it is replied.
     fn commit_reply(&self) -> bool {
-        self.settle(Self::REPLIED)
+        self.0.mark_done()
     }
 
-    fn settle(&self, outcome: u8) -> bool {
-        match self
-            .0
-            .compare_exchange(Self::OPEN, outcome, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => true,
-            Err(settled) => settled == outcome,
-        }
+    /// The core itself: status and progress.
+    pub(crate) fn core(&self) -> &Arc<Core> {
+        &self.0
     }
 }
 
@@ -201,6 +204,20 @@ impl QmpReturn {
             "Command {} produced an unserializable reply: {e}",
             self.command
         ))
+    }
+
+    /// Reports how far the work got, for `query-async-commands` (`current-progress`,
+    /// `total-progress`, in units of the command's choosing), as a job reports to
+    /// `query-jobs`.
+    pub fn set_progress(&self, current: u64, total: u64) {
+        let core = self.settlement.core();
+        core.set_total(total);
+        core.set_progress(current);
+    }
+
+    /// The tracking core and the token, for a command run as a private job.
+    pub(crate) fn settlement(&self) -> &Settlement {
+        &self.settlement
     }
 
     /// The command this return answers.

@@ -16,6 +16,8 @@ use tokio::sync::Semaphore;
 use crate::args;
 use crate::context::{Context, RequestContext};
 use crate::error::{QmpError, RegisterError};
+use crate::job::JobVerb;
+use crate::job::record::JOB_STATUS_CHANGE;
 use crate::qmp_return::{IntoReply, QmpReturn};
 use crate::schema::{self, Declared, JsonSchema, SchemaInfo, TypeDesc};
 
@@ -125,16 +127,26 @@ pub(crate) enum Builtin {
     AddFd,
     RemoveFd,
     QueryFdsets,
+    QueryJobs,
+    /// `job-pause` and the other verbs: they act on the server's job table.
+    JobVerb(JobVerb),
 }
 
 impl Builtin {
-    const ALL: [(&'static str, Builtin, bool); 6] = [
+    const ALL: [(&'static str, Builtin, bool); 13] = [
         ("qmp_capabilities", Builtin::QmpCapabilities, false),
         ("query-version", Builtin::QueryVersion, false),
         ("query-commands", Builtin::QueryCommands, false),
         ("query-qmp-schema", Builtin::QueryQmpSchema, false),
         ("query-async-commands", Builtin::QueryAsyncCommands, true),
         ("async-command-cancel", Builtin::AsyncCommandCancel, true),
+        ("query-jobs", Builtin::QueryJobs, false),
+        ("job-pause", Builtin::JobVerb(JobVerb::Pause), false),
+        ("job-resume", Builtin::JobVerb(JobVerb::Resume), false),
+        ("job-cancel", Builtin::JobVerb(JobVerb::Cancel), false),
+        ("job-complete", Builtin::JobVerb(JobVerb::Complete), false),
+        ("job-finalize", Builtin::JobVerb(JobVerb::Finalize), false),
+        ("job-dismiss", Builtin::JobVerb(JobVerb::Dismiss), false),
     ];
 
     /// The fd-passing commands, added by [`RegistryBuilder::fd_commands`]. None allows
@@ -190,6 +202,11 @@ impl Builtin {
                 TypeDesc::empty(),
                 TypeDesc::encoded::<Vec<fd_sets::FdsetInfo>>(),
             ),
+            Builtin::QueryJobs => (
+                TypeDesc::empty(),
+                TypeDesc::encoded::<Vec<crate::job::JobInfo>>(),
+            ),
+            Builtin::JobVerb(_) => (TypeDesc::decoded::<t::JobIdArguments>(), TypeDesc::empty()),
         }
     }
 }
@@ -540,8 +557,10 @@ pub struct RegistryBuilder<S = ()> {
 
 impl Registry {
     /// A builder that already holds the commands of every QMP monitor: `qmp_capabilities`,
-    /// `query-version`, `query-commands`, and the async capability's `query-async-commands`
-    /// and `async-command-cancel`.
+    /// `query-version`, `query-commands`, `query-qmp-schema`, the async capability's
+    /// `query-async-commands` and `async-command-cancel`, and the jobs' `query-jobs`,
+    /// `job-pause`, `job-resume`, `job-cancel`, `job-complete`, `job-finalize` and
+    /// `job-dismiss`, with the `JOB_STATUS_CHANGE` event.
     pub fn builder() -> RegistryBuilder {
         Self::with_state(())
     }
@@ -553,6 +572,9 @@ impl Registry {
         builder
             .add_builtins(&Builtin::ALL)
             .expect("built-in names are unique");
+        builder
+            .event::<schema::builtin_types::JobStatusChange>(JOB_STATUS_CHANGE)
+            .expect("the first event declared");
         builder
     }
 

@@ -371,6 +371,27 @@ pub(crate) mod builtin_types {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<Value>,
         oob: bool,
+        status: crate::job::JobStatus,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        current_progress: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        total_progress: Option<u64>,
+    }
+
+    /// The argument of `job-pause`, `job-resume`, `job-cancel`, `job-complete`,
+    /// `job-finalize` and `job-dismiss`.
+    #[derive(JsonSchema)]
+    #[allow(dead_code)]
+    pub(crate) struct JobIdArguments {
+        id: String,
+    }
+
+    /// `JOB_STATUS_CHANGE` data.
+    #[derive(JsonSchema)]
+    #[allow(dead_code)]
+    pub(crate) struct JobStatusChange {
+        id: String,
+        status: crate::job::JobStatus,
     }
 
     /// `async-command-cancel` arguments.

@@ -18,9 +18,12 @@ use tracing::Instrument;
 use crate::config::{Config, Dialect, VersionInfo};
 use crate::connection::{Connection, End};
 use crate::context::{ClientInfo, PeerCredentials};
+use crate::error::QmpError;
 use crate::events::{EventSettings, Events, Throttle};
 use crate::fd::FdLimits;
 use crate::fd::sets::FdSets;
+use crate::job::table::JobTable;
+use crate::job::{JobDriver, JobInfo, JobOptions};
 use crate::policy::Policy;
 use crate::qmp_return::ReturnShared;
 use crate::registry::Registry;
@@ -43,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) returns: Arc<ReturnShared>,
     /// The fd sets (`add-fd`), server-wide as QEMU's are global.
     pub(crate) fdsets: Arc<FdSets>,
+    /// Every public job, whichever client started it; its work runs on `returns.tasks`.
+    pub(crate) jobs: JobTable,
 }
 
 /// Live totals across a server's connections, for [`Stats`].
@@ -145,8 +150,10 @@ pub struct Stats {
     /// did not declare them with [`Command::emits`](crate::Command::emits); tests assert 0.
     pub undeclared_events: usize,
     /// Handler work still running on the server's tracker ([`crate::QmpReturn::spawn`],
-    /// [`crate::QmpReturn::spawn_blocking`], [`crate::Command::async_fn`]).
+    /// [`crate::QmpReturn::spawn_blocking`], [`crate::Command::async_fn`], jobs' work).
     pub handler_tasks: usize,
+    /// Jobs in the server's job table (`query-jobs`), in any state until dismissed.
+    pub jobs: usize,
 }
 
 impl std::fmt::Debug for Registry {
@@ -308,6 +315,13 @@ impl ServerBuilder {
         let config_max_memory = config.max_memory;
         let version_json = Bytes::from(config.version.to_qemu_json());
         let fd_limits = config.fd_limits;
+        let shutdown = CancellationToken::new();
+        let returns: Arc<ReturnShared> = Arc::default();
+        let jobs = JobTable::new(
+            events.clone(),
+            returns.tasks.clone(),
+            shutdown.child_token(),
+        );
         Server {
             shared: Arc::new(Shared {
                 greeting: greeting(&config),
@@ -317,13 +331,14 @@ impl ServerBuilder {
                 version_json,
                 counters: Counters::default(),
                 memory: MemoryBudget::new(config_max_memory),
-                returns: Arc::default(),
                 fdsets: Arc::new(FdSets::new(
                     fd_limits.fdsets_per_server,
                     fd_limits.fdset_fds_per_server,
                 )),
+                returns,
+                jobs,
             }),
-            shutdown: CancellationToken::new(),
+            shutdown,
             connections: TaskTracker::new(),
             client_slots,
         }
@@ -445,7 +460,20 @@ impl Server {
             handler_tasks: self.shared.returns.tasks.len(),
             memory: self.shared.memory.used(),
             undeclared_events: self.shared.events.undeclared(),
+            jobs: self.shared.jobs.len(),
         }
+    }
+
+    /// Starts a job that no command started (the VMM's own work), as a command with
+    /// `job-id` would: see [`RequestContext::start_job`](crate::RequestContext::start_job).
+    /// `Invalid job ID`, `Job ID ... already in use` and a missing id are refused.
+    pub fn start_job<D: JobDriver>(&self, options: JobOptions, driver: D) -> Result<(), QmpError> {
+        self.shared.jobs.start(options, driver)
+    }
+
+    /// The jobs, as `query-jobs` lists them (newest first).
+    pub fn query_jobs(&self) -> Vec<JobInfo> {
+        self.shared.jobs.query()
     }
 
     /// A codec for one connection of this server: QEMU's decoder with the configured limits,
@@ -623,8 +651,12 @@ impl Server {
         tracing::debug!(client = id, ?end, "client disconnected");
     }
 
-    /// Stops accepting, cancels every in-flight command and closes every connection.
+    /// Stops accepting, cancels every in-flight command and every job, and closes every
+    /// connection.
     pub fn shutdown(&self) {
+        // Jobs first: those waiting for a client abort or go now, the rest are cancelled
+        // (their tokens are children of the shutdown token) and go when their work ends.
+        self.shared.jobs.shut_down();
         self.shutdown.cancel();
         self.connections.close();
         self.shared.returns.tasks.close();

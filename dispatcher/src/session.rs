@@ -24,6 +24,8 @@ use crate::error::QmpError;
 use crate::events::Subscription;
 use crate::fd::{self, positional::PositionalFds};
 use crate::in_flight::{self, InFlight, NewEntry};
+use crate::job::table::JobTable;
+use crate::job::{JobStatus, JobVerb};
 use crate::observe;
 use crate::qmp_return::{Completion, Outcome, Outgoing, QmpReturn, Settlement, Ticket};
 use crate::rate::RateLimits;
@@ -640,6 +642,16 @@ impl Session {
                 let sets = fd::commands::query_fdsets(&self.shared.fdsets, arguments)?;
                 return Ok(Bytes::from(serde_json::to_vec(&sets).expect("serializes")));
             }
+            Builtin::QueryJobs => {
+                no_args(arguments)?;
+                return Ok(Bytes::from(
+                    serde_json::to_vec(&self.shared.jobs.query()).expect("rows serialize"),
+                ));
+            }
+            Builtin::JobVerb(verb) => {
+                job_verb(&self.shared.jobs, verb, arguments)?;
+                Value::Object(Map::new())
+            }
         };
         Ok(Bytes::from(
             serde_json::to_vec(&value).expect("a Value always serializes"),
@@ -781,8 +793,30 @@ fn no_args(arguments: Map<String, Value>) -> Result<(), QmpError> {
     crate::args::decode::<crate::args::NoArgs>(arguments).map(drop)
 }
 
+/// `job-pause`, `job-resume`, `job-cancel`, `job-complete`, `job-finalize`, `job-dismiss`:
+/// `{"id": ID}` names a job of the server's table, whichever client started it.
+fn job_verb(jobs: &JobTable, verb: JobVerb, arguments: Map<String, Value>) -> Result<(), QmpError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct JobIdArgs {
+        id: String,
+    }
+    let JobIdArgs { id } = crate::args::decode(arguments)?;
+    let job = jobs.find(&id)?;
+    match verb {
+        JobVerb::Pause => job.pause(),
+        JobVerb::Resume => job.resume(),
+        JobVerb::Cancel => job.cancel(),
+        JobVerb::Complete => job.complete(),
+        JobVerb::Finalize => job.finalize(),
+        JobVerb::Dismiss => job.dismiss(),
+        JobVerb::SetSpeed | JobVerb::Change => unreachable!("no built-in for {verb}"),
+    }
+}
+
 /// One row of `query-async-commands`. The id is the request's own text, so any id the
-/// client could send can be listed.
+/// client could send can be listed. `status` and the progress come from the request's
+/// tracking core, the one a job has: the same fields as in `query-jobs`.
 #[derive(serde::Serialize)]
 struct InFlightRow<'a> {
     command: &'a str,
@@ -791,14 +825,24 @@ struct InFlightRow<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<&'a RawValue>,
     oob: bool,
+    status: JobStatus,
+    #[serde(rename = "current-progress", skip_serializing_if = "Option::is_none")]
+    current_progress: Option<u64>,
+    #[serde(rename = "total-progress", skip_serializing_if = "Option::is_none")]
+    total_progress: Option<u64>,
 }
 
 fn row(entry: &in_flight::Entry) -> InFlightRow<'_> {
+    let core = entry.settlement.core();
+    let progress = core.reported_progress();
     InFlightRow {
         command: &entry.command,
         elapsed_ms: entry.started.elapsed().as_millis() as u64,
         id: entry.id.as_ref().map(Id::text),
         oob: entry.oob,
+        status: core.status(),
+        current_progress: progress.map(|(current, _)| current),
+        total_progress: progress.map(|(_, total)| total),
     }
 }
 

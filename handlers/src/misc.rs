@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use qmp_dispatcher::{Command, NoArgs, QmpError};
+use qmp_dispatcher::{Command, Context, JobDriver, JobHandle, JobOptions, NoArgs, QmpError};
 use serde::{Deserialize, Serialize};
 
 /// A yank instance, QEMU's `YankInstance` flat union (tagged by `type`).
@@ -33,17 +33,78 @@ pub fn query_yank<S: Send + Sync + 'static>() -> Command<S> {
 
 /// `x-delay` arguments.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct DelayArgs {
-    /// How long to wait before replying.
+    /// How long to work (milliseconds of running time: a paused job's pause does not
+    /// count).
     pub ms: u64,
+    /// Run as a job of this id (type `x-delay`): the reply comes at once, the rest as
+    /// `JOB_STATUS_CHANGE` events. Without it the command replies when the work ends.
+    pub job_id: Option<String>,
+    /// QEMU's `auto-finalize` (default true): false stops the job in `pending`.
+    pub auto_finalize: Option<bool>,
+    /// QEMU's `auto-dismiss` (default true): false keeps the job `concluded`.
+    pub auto_dismiss: Option<bool>,
+    /// After `ms`, the job becomes `ready` and waits for `job-complete`, like a mirror.
+    pub ready: Option<bool>,
+    /// After `ms`, the work fails with this error instead.
+    pub fail: Option<String>,
 }
 
-/// `x-delay {ms}`: replies `{}` after `ms` milliseconds without blocking anything; cancelling
-/// it drops the timer. For tests and benchmarks.
+/// How often `x-delay` reports progress and passes a pause point.
+const PROGRESS_STEP_MS: u64 = 50;
+
+/// `x-delay {ms}`: works for `ms` milliseconds without blocking anything, reporting
+/// progress from 0 to `ms`. Without `job-id` it replies `{}` when done (cancelling it stops
+/// the timer), a deferred command that `query-async-commands` shows with its progress; with
+/// `job-id` it is a job of type `x-delay` that any client can follow and control. For tests,
+/// benchmarks and trying jobs out.
 pub fn x_delay<S: Send + Sync + 'static>() -> Command<S> {
-    Command::async_fn("x-delay", |args: DelayArgs, _| async move {
-        tokio::time::sleep(Duration::from_millis(args.ms)).await;
-        Ok::<_, QmpError>(())
+    Command::deferred("x-delay", |args: DelayArgs, cx: Context<S>, ret| {
+        let options = JobOptions::new("x-delay")
+            .id(args.job_id)
+            .auto_finalize(args.auto_finalize.unwrap_or(true))
+            .auto_dismiss(args.auto_dismiss.unwrap_or(true));
+        let job = DelayJob {
+            ms: args.ms,
+            ready: args.ready.unwrap_or(false),
+            fail: args.fail,
+        };
+        cx.start_job(options, job, ret);
     })
+    .returns::<()>()
+    .emits("JOB_STATUS_CHANGE")
+}
+
+/// The work of `x-delay`.
+struct DelayJob {
+    ms: u64,
+    ready: bool,
+    fail: Option<String>,
+}
+
+impl JobDriver for DelayJob {
+    async fn run(&mut self, job: &JobHandle) -> Result<(), QmpError> {
+        job.set_total_progress(self.ms);
+        let mut done = 0;
+        while done < self.ms {
+            job.pause_point().await;
+            let step = (self.ms - done).min(PROGRESS_STEP_MS);
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(step)) => {}
+                // The job aborts with `Operation canceled` whatever is returned.
+                () = job.cancelled() => return Ok(()),
+            }
+            done += step;
+            job.set_progress(done);
+        }
+        if let Some(error) = &self.fail {
+            return Err(QmpError::generic(error.clone()));
+        }
+        if self.ready {
+            job.ready().await;
+            job.wait_complete().await;
+        }
+        Ok(())
+    }
 }

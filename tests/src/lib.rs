@@ -419,6 +419,19 @@ impl Client {
         );
     }
 
+    /// Asserts the server closes the connection, with nothing but events before.
+    pub async fn expect_eof_after_events(&mut self) {
+        let mut rest = Vec::new();
+        tokio::time::timeout(TIMEOUT, self.reader.read_to_end(&mut rest))
+            .await
+            .expect("timed out waiting for EOF")
+            .expect("read");
+        for line in rest.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let message: Value = serde_json::from_slice(line).expect("a JSON line");
+            assert!(message.get("event").is_some(), "data before EOF: {message}");
+        }
+    }
+
     /// Reads and returns the greeting.
     pub async fn greeting(&mut self) -> Value {
         let greeting = self.recv().await;

@@ -78,6 +78,7 @@ async fn a_read_only_listener_offers_queries_only() {
             "qmp_capabilities",
             "query-async-commands",
             "query-commands",
+            "query-jobs",
             "query-qmp-schema",
             "query-version",
         ]

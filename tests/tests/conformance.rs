@@ -382,8 +382,7 @@ fn qsd_commands(qsd: &Arc<Qsd>) -> Registry {
     let named_nodes = Arc::clone(qsd);
     let quit = Arc::clone(qsd);
     builder
-        .add(Command::sync("query-jobs", |_: NoArgs, _| Ok(json!([]))))
-        .unwrap()
+        // query-jobs and job-pause are the dispatcher's built-ins (no job exists here).
         .add(Command::sync("query-block-jobs", |_: NoArgs, _| Ok(json!([]))))
         .unwrap()
         .add(Command::sync("query-block-exports", |_: NoArgs, _| {
@@ -402,10 +401,6 @@ fn qsd_commands(qsd: &Arc<Qsd>) -> Registry {
             "block-job-set-speed",
             |a: BlockJobSetSpeedArgs, _| -> Result<(), _> { Err(job_not_found(&a.device)) },
         ))
-        .unwrap()
-        .add(Command::sync("job-pause", |_: IdArgs, _| -> Result<(), _> {
-            Err(QmpError::generic("Job not found"))
-        }))
         .unwrap()
         .add(Command::sync("chardev-remove", |a: IdArgs, _| -> Result<(), _> {
             Err(QmpError::generic(format!("Chardev '{}' not found", a.id)))

@@ -333,7 +333,13 @@ async fn commands_match_query_commands_and_every_reference_resolves() {
         .collect();
     assert_eq!(
         events,
-        HashSet::from(["SHUTDOWN", "STOP", "RESUME", "POWERDOWN"])
+        HashSet::from([
+            "SHUTDOWN",
+            "STOP",
+            "RESUME",
+            "POWERDOWN",
+            "JOB_STATUS_CHANGE"
+        ])
     );
     let empty = json!({"name": schema["STOP"]["arg-type"], "members": [], "meta-type": "object"});
     assert_eq!(schema[schema["STOP"]["arg-type"].as_str().unwrap()], empty);

@@ -1,14 +1,18 @@
-//! Soak and chaos: hundreds of clients issue immediate and deferred commands, cancel them,
-//! and leave at awkward moments. Afterwards the server must be back to nothing (no clients,
-//! nothing in flight, no live returns, no tasks) with its memory back near the baseline, and
-//! every reply a surviving client got must have been its own.
+//! Soak and chaos: hundreds of clients issue immediate and deferred commands, start jobs
+//! (and the same work as deferred commands), pause, resume, cancel and dismiss them, and
+//! leave at awkward moments. Afterwards the server must be back to nothing (no clients,
+//! nothing in flight, no live returns, no tasks, no jobs once the survivors are cleared)
+//! with its memory back near the baseline, and every reply a surviving client got must have
+//! been its own.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use qmp_dispatcher::QmpReturn;
-use qmp_tests::{Client, TestServer, rss};
+use qmp_dispatcher::{
+    Command, Context, JobDriver, JobHandle, JobOptions, QmpError, QmpReturn, Registry, Server,
+};
+use qmp_tests::{Client, Holds, TestServer, rss, test_commands};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -20,6 +24,51 @@ const MAX_REQUESTS: u64 = 24;
 const WARM_UP_CLIENTS: u64 = 60;
 /// How much the resident set may have grown after the chaos round, once everything is gone.
 const RSS_SLACK: u64 = 20 << 20;
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct JobArgs {
+    ms: u64,
+    job_id: Option<String>,
+    auto_dismiss: Option<bool>,
+}
+
+/// Sleeps `ms` in steps, with pause points between them.
+struct Sleep(u64);
+
+impl JobDriver for Sleep {
+    async fn run(&mut self, job: &JobHandle) -> Result<(), QmpError> {
+        job.set_total_progress(self.0);
+        for step in 0..self.0 {
+            job.pause_point().await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(1)) => {}
+                () = job.cancelled() => return Ok(()),
+            }
+            job.set_progress(step + 1);
+        }
+        Ok(())
+    }
+}
+
+/// The test commands, plus `x-job`: a job with `job-id`, a deferred command without.
+fn soak_server() -> TestServer {
+    let holds = Holds::default();
+    let mut registry = Registry::builder();
+    test_commands(&mut registry, &holds);
+    registry
+        .add(
+            Command::deferred("x-job", |a: JobArgs, cx: Context<()>, ret: QmpReturn| {
+                let options = JobOptions::new("x-job")
+                    .id(a.job_id)
+                    .auto_dismiss(a.auto_dismiss.unwrap_or(true));
+                cx.start_job(options, Sleep(a.ms), ret);
+            })
+            .emits("JOB_STATUS_CHANGE"),
+        )
+        .unwrap();
+    TestServer::serve(Server::builder(registry.build()).build(), holds)
+}
 
 /// A small deterministic generator, one per client, so a failure can be replayed.
 struct Rng(u64);
@@ -70,7 +119,7 @@ async fn chaos_client(server: &TestServer, c: u64, seed: u64) -> usize {
     let mut batch = Vec::new();
     for i in 0..requests {
         let id = format!("c{c}-{i}");
-        let request = match rng.below(6) {
+        let request = match rng.below(9) {
             0 | 1 => {
                 let arguments =
                     json!({"client": c, "i": i, "pad": "x".repeat(rng.below(200) as usize)});
@@ -84,6 +133,34 @@ async fn chaos_client(server: &TestServer, c: u64, seed: u64) -> usize {
             4 => {
                 expected.push((id.clone(), None));
                 json!({"execute": "hold", "arguments": {"key": id}, "id": id})
+            }
+            6 => {
+                // A job (ids of all clients share one space) or the same as a deferred command.
+                expected.push((id.clone(), None));
+                let mut arguments = json!({"ms": rng.below(30)});
+                if rng.below(3) != 0 {
+                    arguments["job-id"] = json!(format!("j{}", rng.below(CLIENTS)));
+                    arguments["auto-dismiss"] = json!(rng.below(3) != 0);
+                }
+                json!({"execute": "x-job", "arguments": arguments, "id": id})
+            }
+            7 => {
+                // A job verb on anyone's job: any outcome.
+                expected.push((id.clone(), None));
+                let verbs = [
+                    "job-pause",
+                    "job-resume",
+                    "job-cancel",
+                    "job-dismiss",
+                    "job-complete",
+                ];
+                let verb = verbs[rng.below(verbs.len() as u64) as usize];
+                let job = format!("j{}", rng.below(CLIENTS));
+                json!({"execute": verb, "arguments": {"id": job}, "id": id})
+            }
+            8 => {
+                expected.push((id.clone(), None));
+                json!({"execute": "query-jobs", "id": id})
             }
             _ => {
                 // Cancels an earlier request of this client (in flight or not, any outcome).
@@ -99,13 +176,13 @@ async fn chaos_client(server: &TestServer, c: u64, seed: u64) -> usize {
         Fate::Graceful => {
             let replies = read_replies(&mut client, c, &expected).await;
             client.shutdown_write().await;
-            client.expect_eof().await;
+            client.expect_eof_after_events().await;
             replies
         }
         Fate::HalfClose => {
             client.shutdown_write().await;
             let replies = read_replies(&mut client, c, &expected).await;
-            client.expect_eof().await;
+            client.expect_eof_after_events().await;
             replies
         }
         Fate::MidRequest => {
@@ -187,12 +264,51 @@ async fn wait_until_clean(server: &TestServer) {
             s.clients == 0 && s.in_flight == 0 && s.live_returns == 0 && s.connection_tasks == 0
         })
         .await;
+    clear_jobs(server).await;
+}
+
+/// Jobs outlive their clients by design: resume, cancel and dismiss what the round left
+/// (paused, running, concluded), until the table is empty.
+async fn clear_jobs(server: &TestServer) {
+    let mut client = server.negotiated(&[]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        client.execute("query-jobs", json!({}), json!("q")).await;
+        let listing = client.recv_reply().await;
+        let jobs = listing["return"].as_array().unwrap().clone();
+        if jobs.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "jobs left: {listing}");
+        for job in jobs {
+            let verb = match job["status"].as_str().unwrap() {
+                "concluded" => "job-dismiss",
+                "pending" | "running" | "paused" | "ready" | "standby" => "job-cancel",
+                _ => continue,
+            };
+            client
+                .execute(verb, json!({"id": job["id"]}), json!("v"))
+                .await;
+            client.recv_reply().await;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(client);
+    server
+        .wait_stats("no jobs, nothing left", |s| {
+            s.jobs == 0
+                && s.clients == 0
+                && s.in_flight == 0
+                && s.live_returns == 0
+                && s.handler_tasks == 0
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_chaotic_clients_leave_nothing_behind() {
     let started = Instant::now();
-    let server = Arc::new(TestServer::start().await);
+    let server = Arc::new(soak_server());
     let releaser = tokio::spawn(release_holds_at_random(Arc::clone(&server)));
     let soak = async {
         run_round(&server, WARM_UP_CLIENTS, 1_000_000).await;
