@@ -13,6 +13,8 @@
 //!   qemu-storage-daemon behind `scripts/bench-compare`; see `docs/performance.md`.
 //! - `benches/codec.rs`, `benches/dispatch.rs`: criterion micro-benchmarks of the JSON
 //!   decoder, argument decoding and end-to-end dispatch with 10 and 10,000 commands.
+//! - [`registry`]: the registry-size measurement behind `dispatch.rs` and qmp-compare's
+//!   registry row; [`nofile`]: raising `RLIMIT_NOFILE` for 100,000 clients.
 //!
 //! # Usage
 //!
@@ -30,3 +32,6 @@
 //!
 //! On a 2-core machine the generator and the server share the cores: compare the server's CPU
 //! per command (reported with `--spawn` or `--pid`) rather than commands/s alone.
+
+pub mod nofile;
+pub mod registry;
