@@ -379,6 +379,7 @@ pub(crate) async fn measure_storm(
         "lag_ms_p99": quantile(&mut lag_ms, 0.99),
         "lag_ms_max": quantile(&mut lag_ms, 1.0),
         "complete_clients": complete,
+        "missing_clients": clients - complete.min(clients),
         "out_of_order_clients": out_of_order,
         "disconnected_clients": disconnected,
         "rss_before_kib": rss_before,
