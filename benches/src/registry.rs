@@ -188,3 +188,15 @@ pub fn interleaved_ratios(rounds: usize, warm_up: usize) -> Ratios {
         rounds,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn interleaved_ratios_compare_every_case_with_the_first() {
+        let ratios = super::interleaved_ratios(3, 1);
+        assert_eq!(ratios.rounds, 3);
+        for ratio in [ratios.all_of_10k(), ratios.ten_of_10k()] {
+            assert!(ratio.is_finite() && ratio > 0.0, "{ratios:?}");
+        }
+    }
+}

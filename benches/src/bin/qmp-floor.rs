@@ -342,7 +342,9 @@ fn main() -> std::io::Result<()> {
     let shared = Arc::new(Shared {
         events: cli.events.then(|| broadcast::channel(EVENT_QUEUE).0),
     });
-    let slots = cli.max_clients.map(|max| Arc::new(Semaphore::new(max.max(1))));
+    let slots = cli
+        .max_clients
+        .map(|max| Arc::new(Semaphore::new(max.max(1))));
     runtime.enable_all().build()?.block_on(async {
         let mut listeners = tokio::task::JoinSet::new();
         for path in &cli.unix {
@@ -391,6 +393,34 @@ mod tests {
         splitter.consume(15);
         buf.extend_from_slice(br#"cute":"x"}"#);
         assert_eq!(splitter.next_value(&buf), Some(0..buf.len()));
+    }
+
+    #[test]
+    fn events_are_the_bytes_the_dispatcher_writes_but_for_the_timestamp() {
+        let shared = super::Shared {
+            events: Some(tokio::sync::broadcast::channel(4).0),
+        };
+        let mut events = shared.events.as_ref().unwrap().subscribe();
+        shared.emit("STOP");
+        let line = events.try_recv().unwrap();
+        let mut theirs = bytes::BytesMut::new();
+        qmp_dispatcher::wire::encode::event(
+            &mut theirs,
+            "STOP",
+            None,
+            std::time::SystemTime::now(),
+        );
+        theirs.extend_from_slice(b"\r\n");
+        let digitless = |text: &[u8]| -> Vec<u8> {
+            text.iter()
+                .copied()
+                .filter(|b| !b.is_ascii_digit())
+                .collect()
+        };
+        assert_eq!(
+            String::from_utf8(digitless(&line)).unwrap(),
+            String::from_utf8(digitless(&theirs)).unwrap()
+        );
     }
 
     #[test]

@@ -21,8 +21,6 @@ use super::{BoxError, Outcome, Server, Stream, Target};
 
 /// What an event line carries before its name, as QEMU (and the dispatcher) spell it.
 const EVENT_KEY: &[u8] = br#""event": ""#;
-/// How long every client may take to get one event before the run fails.
-const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often RSS is sampled during a storm.
 const STORM_RSS_INTERVAL: Duration = Duration::from_millis(250);
 /// The storm's sender wakes this often and sends the events due since its last turn.
@@ -55,10 +53,12 @@ struct Tally {
     everyone: Notify,
     clients: u32,
     epoch: Instant,
+    /// How long every client may take to get one event before the run fails.
+    timeout: Duration,
 }
 
 impl Tally {
-    fn new(events: usize, clients: usize, epoch: Instant) -> Self {
+    fn new(events: usize, clients: usize, epoch: Instant, timeout: Duration) -> Self {
         Tally {
             arrived: (0..events).map(|_| AtomicU32::new(0)).collect(),
             last_ns: (0..events).map(|_| AtomicU64::new(0)).collect(),
@@ -68,12 +68,13 @@ impl Tally {
             everyone: Notify::new(),
             clients: clients as u32,
             epoch,
+            timeout,
         }
     }
 
     /// Waits until every client has event `index`.
     async fn wait_for_everyone(&self, index: usize) -> Result<(), BoxError> {
-        let deadline = Instant::now() + EVENT_TIMEOUT;
+        let deadline = Instant::now() + self.timeout;
         loop {
             let notified = self.everyone.notified();
             if self.arrived[index].load(Ordering::Acquire) >= self.clients {
@@ -94,10 +95,10 @@ impl Tally {
                 && left.is_zero()
             {
                 return Err(format!(
-                    "event {index} reached {} of {} clients within {} s",
+                    "event {index} reached {} of {} clients within {:.1} s",
                     self.arrived[index].load(Ordering::Relaxed),
                     self.clients,
-                    EVENT_TIMEOUT.as_secs()
+                    self.timeout.as_secs_f64()
                 )
                 .into());
             }
@@ -222,19 +223,35 @@ impl Controller {
 
 /// Connects `clients` event clients (each on its own reading task) and the controller.
 async fn connect(
-    clients: usize,
+    settings: &EventRun<'_>,
     events: usize,
-    targets: &[Target],
-    shake: &Arc<Handshake>,
 ) -> Result<(Arc<Tally>, tokio::task::JoinSet<()>, Controller), BoxError> {
+    let EventRun {
+        clients,
+        targets,
+        shake,
+        timeout,
+        ..
+    } = *settings;
     let streams = many::open_many(clients, 0, targets, shake).await?;
     let controller = Controller::open(&targets[0], shake).await?;
-    let tally = Arc::new(Tally::new(events, clients, Instant::now()));
+    let tally = Arc::new(Tally::new(events, clients, Instant::now(), timeout));
     let mut readers = tokio::task::JoinSet::new();
     for stream in streams {
         readers.spawn(read_events(stream, Arc::clone(&tally)));
     }
     Ok((tally, readers, controller))
+}
+
+/// What both event runs are given.
+pub(crate) struct EventRun<'a> {
+    /// Clients that only read events (the controller comes on top).
+    pub(crate) clients: usize,
+    pub(crate) targets: &'a [Target],
+    pub(crate) shake: &'a Arc<Handshake>,
+    pub(crate) server: &'a Server,
+    /// How long every client may take to get one event.
+    pub(crate) timeout: Duration,
 }
 
 /// `q`-quantile of `values` (sorted here), if any.
@@ -246,13 +263,11 @@ fn quantile(values: &mut [f64], q: f64) -> Option<f64> {
 /// Broadcast run: `events` times, one event to all `clients`, waiting for every client to
 /// have it before the next.
 pub(crate) async fn measure_broadcast(
-    clients: usize,
+    settings: &EventRun<'_>,
     events: usize,
-    targets: &[Target],
-    shake: Arc<Handshake>,
-    server: &Server,
 ) -> Result<Outcome, BoxError> {
-    let (tally, mut readers, mut controller) = connect(clients, events, targets, &shake).await?;
+    let (clients, server) = (settings.clients, settings.server);
+    let (tally, mut readers, mut controller) = connect(settings, events).await?;
     let mut latency_ms = Vec::with_capacity(events);
     let cpu_before = server.cpu_seconds()?;
     let started = Instant::now();
@@ -307,15 +322,13 @@ pub(crate) async fn measure_broadcast(
 /// Storm run: `rate` events per second for `duration`, then waits for every client to
 /// have all of them.
 pub(crate) async fn measure_storm(
-    clients: usize,
+    settings: &EventRun<'_>,
     rate: f64,
     duration: Duration,
-    targets: &[Target],
-    shake: Arc<Handshake>,
-    server: &Server,
 ) -> Result<Outcome, BoxError> {
+    let (clients, server) = (settings.clients, settings.server);
     let events = ((rate * duration.as_secs_f64()).round() as usize).max(1);
-    let (tally, mut readers, mut controller) = connect(clients, events, targets, &shake).await?;
+    let (tally, mut readers, mut controller) = connect(settings, events).await?;
     let mut sent_ns = Vec::with_capacity(events);
     let mut rss_samples: Vec<(f64, u64)> = Vec::new();
     let rss_before = server.memory_kib("VmRSS")?;
@@ -365,7 +378,17 @@ pub(crate) async fn measure_storm(
         .iter()
         .find(|(t, _)| *t >= 1.0)
         .map_or(rss_before, |&(_, rss)| rss);
-    let rss_peak = rss_samples.iter().map(|&(_, rss)| rss).max().unwrap_or(rss_after);
+    // And over the second half alone: buffers that grew while clients caught up early on
+    // are kept, but steady growth there would be per event (a leak).
+    let rss_half = rss_samples
+        .iter()
+        .find(|(t, _)| *t >= send_seconds / 2.0)
+        .map_or(rss_before, |&(_, rss)| rss);
+    let rss_peak = rss_samples
+        .iter()
+        .map(|&(_, rss)| rss)
+        .max()
+        .unwrap_or(rss_after);
     let json = serde_json::json!({
         "event_clients": clients,
         "events": events,
@@ -386,7 +409,9 @@ pub(crate) async fn measure_storm(
         "rss_early_kib": rss_early,
         "rss_peak_kib": rss_peak,
         "rss_after_kib": rss_after,
+        "rss_half_kib": rss_half,
         "rss_growth_kib": rss_after as i64 - rss_early as i64,
+        "rss_growth_second_half_kib": rss_after as i64 - rss_half as i64,
         "rss_samples": rss_samples,
         "replies": replies.as_ref().ok(),
         "failure": drained
@@ -399,8 +424,8 @@ pub(crate) async fn measure_storm(
         "storm of {events} events at {rate}/s to {clients} clients: {complete} clients got \
          every event in order ({out_of_order} out of order, {disconnected} disconnected); \
          the last client was p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms behind; server CPU \
-         {:.2} cores, {:.2} us per delivery; RSS {rss_before} -> {rss_early} (1 s) -> peak \
-         {rss_peak} -> {rss_after} KiB",
+         {:.2} cores, {:.2} us per delivery; RSS {rss_before} -> {rss_early} (1 s) -> \
+         {rss_half} (half-way) -> {rss_after} KiB (peak {rss_peak})",
         json["lag_ms_p50"].as_f64().unwrap_or(f64::NAN),
         json["lag_ms_p99"].as_f64().unwrap_or(f64::NAN),
         json["lag_ms_max"].as_f64().unwrap_or(f64::NAN),

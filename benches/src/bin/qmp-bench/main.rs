@@ -156,6 +156,9 @@ struct Cli {
     /// 10), every client checked to get every event in order, the server's RSS sampled.
     #[arg(long, requires = "event_clients")]
     event_rate: Option<f64>,
+    /// Event mode: seconds every client may take to get one event before the run fails.
+    #[arg(long, default_value_t = 30.0)]
+    event_timeout: f64,
     /// Memory mode: each of `--clients` sends `--depth` commands at once (make them slow, e.g.
     /// `x-delay` of 20 s), then the server's RSS is sampled until it settles and its growth
     /// per in-flight command is reported (needs --pid or --spawn). Replies that arrive before
@@ -1045,15 +1048,24 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             };
             paused::measure(&settings, &targets, shake, server).await
         }
-        Some(server) => match (cli.event_clients, cli.event_rate) {
-            (Some(clients), Some(rate)) => {
-                let duration = Duration::from_secs_f64(cli.duration.unwrap_or(10.0));
-                events::measure_storm(clients, rate, duration, &targets, shake, server).await
+        Some(server) => match cli.event_clients {
+            Some(clients) => {
+                let settings = events::EventRun {
+                    clients,
+                    targets: &targets,
+                    shake: &shake,
+                    server,
+                    timeout: Duration::from_secs_f64(cli.event_timeout),
+                };
+                match cli.event_rate {
+                    Some(rate) => {
+                        let duration = Duration::from_secs_f64(cli.duration.unwrap_or(10.0));
+                        events::measure_storm(&settings, rate, duration).await
+                    }
+                    None => events::measure_broadcast(&settings, cli.events).await,
+                }
             }
-            (Some(clients), None) => {
-                events::measure_broadcast(clients, cli.events, &targets, shake, server).await
-            }
-            (None, _) => measure_load(&cli, &targets, opts, Some(server)).await,
+            None => measure_load(&cli, &targets, opts, Some(server)).await,
         },
         None => measure_load(&cli, &targets, opts, None).await,
     };

@@ -44,7 +44,9 @@ pub(crate) async fn connect_retrying(target: &Target) -> Result<Box<dyn Stream>,
     loop {
         match connect_io(target).await {
             Ok(stream) => return Ok(stream),
-            Err(err) if err.kind() == ErrorKind::WouldBlock && started.elapsed() < HANDSHAKE_TIMEOUT => {
+            Err(err)
+                if err.kind() == ErrorKind::WouldBlock && started.elapsed() < HANDSHAKE_TIMEOUT =>
+            {
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
             Err(err) => return Err(format!("cannot connect to {target}: {err}").into()),
@@ -82,7 +84,11 @@ pub(crate) async fn handshake(
     let exchange = async {
         read_line(stream, &mut line).await?;
         if !contains(&line, br#""QMP""#) {
-            return Err(format!("expected a greeting, got {}", String::from_utf8_lossy(&line)).into());
+            return Err(format!(
+                "expected a greeting, got {}",
+                String::from_utf8_lossy(&line)
+            )
+            .into());
         }
         stream.write_all(&handshake.negotiate).await?;
         read_line(stream, &mut line).await?;

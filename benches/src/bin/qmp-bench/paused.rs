@@ -105,22 +105,27 @@ pub(crate) async fn measure(
         };
         let closed = Instant::now();
         drop(leaving);
-        let greeted = tokio::time::timeout(DEPARTURE_TIMEOUT, many::read_line(&mut waiting, &mut line))
-            .await
-            .map_err(|_| {
-                format!(
-                    "the server did not notice a departed client within {} s",
-                    DEPARTURE_TIMEOUT.as_secs()
-                )
-            })?;
+        let greeted =
+            tokio::time::timeout(DEPARTURE_TIMEOUT, many::read_line(&mut waiting, &mut line))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "the server did not notice a departed client within {} s",
+                        DEPARTURE_TIMEOUT.as_secs()
+                    )
+                })?;
         let noticed = closed.elapsed();
         greeted?;
         departures_ms.push(noticed.as_secs_f64() * 1000.0);
         // The newcomer takes the departed client's place: negotiated and paused in turn.
         waiting.write_all(&shake.negotiate).await?;
         many::read_line(&mut waiting, &mut line).await?;
-        start_command(&mut waiting, &settings.request_prefix, settings.clients + departure)
-            .await?;
+        start_command(
+            &mut waiting,
+            &settings.request_prefix,
+            settings.clients + departure,
+        )
+        .await?;
         conns.insert(0, waiting);
         tokio::time::sleep(BETWEEN_DEPARTURES).await;
     }

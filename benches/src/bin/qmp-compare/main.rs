@@ -156,7 +156,12 @@ fn sizes(cli: &Cli, limit: u64) -> Sizes {
         given.unwrap_or(if quick { quick_value } else { full })
     };
     let fits = |clients: usize| clients as u64 + SPARE <= limit;
-    let wanted = list_or(&cli.idle_clients, quick, &[1000, 10_000], &[1000, 10_000, 100_000]);
+    let wanted = list_or(
+        &cli.idle_clients,
+        quick,
+        &[1000, 10_000],
+        &[1000, 10_000, 100_000],
+    );
     let mut idle_steps: Vec<usize> = wanted.iter().copied().filter(|&n| fits(n)).collect();
     let skipped: Vec<usize> = wanted.iter().copied().filter(|&n| !fits(n)).collect();
     let mut idle_skipped = None;
@@ -192,14 +197,17 @@ fn sizes(cli: &Cli, limit: u64) -> Sizes {
         broadcast_events: cli.broadcast_events,
         storm_clients: pick(cli.storm_clients, 1000, 1000),
         storm_rate: cli.storm_rate,
-        storm_seconds: cli
-            .storm_seconds
-            .unwrap_or(if quick { 2.0 } else { 10.0 }),
+        storm_seconds: cli.storm_seconds.unwrap_or(if quick { 2.0 } else { 10.0 }),
         registry_rounds: pick(cli.registry_rounds, 300, 1500),
-        sweep: list_or(&cli.sweep, quick, &[1, 4, 16, 64, 1000], &[1, 4, 16, 64, 1000, 10_000])
-            .into_iter()
-            .filter(|&n| fits(n))
-            .collect(),
+        sweep: list_or(
+            &cli.sweep,
+            quick,
+            &[1, 4, 16, 64, 1000],
+            &[1, 4, 16, 64, 1000, 10_000],
+        )
+        .into_iter()
+        .filter(|&n| fits(n))
+        .collect(),
     }
 }
 
@@ -275,7 +283,10 @@ fn main() {
 fn most_clients(cli: &Cli) -> u64 {
     let lists = [&cli.idle_clients, &cli.paused_clients, &cli.sweep];
     let listed = lists.iter().flat_map(|list| list.iter().copied()).max();
-    let single = [cli.broadcast_clients, cli.storm_clients].into_iter().flatten().max();
+    let single = [cli.broadcast_clients, cli.storm_clients]
+        .into_iter()
+        .flatten()
+        .max();
     [listed, single, Some(100_000)]
         .into_iter()
         .flatten()
@@ -362,7 +373,13 @@ fn run(cli: Cli) -> Result<(), BoxError> {
     println!("{table}");
     println!("Run took {elapsed:.0} s.");
 
-    let chart = chart(&targets, &sizes, &main_scenarios, &main_results, &sweep_results);
+    let chart = chart(
+        &targets,
+        &sizes,
+        &main_scenarios,
+        &main_results,
+        &sweep_results,
+    );
     std::fs::create_dir_all(&runner.cli.out)?;
     let svg_path = runner.cli.out.join("performance.svg");
     std::fs::write(&svg_path, &chart)?;
@@ -403,7 +420,12 @@ fn chart(
     sweep_results: &[std::collections::BTreeMap<Target, runner::Runs>],
 ) -> String {
     let names: Vec<&str> = targets.iter().map(|target| target.name()).collect();
-    let mut client_axis: Vec<usize> = sizes.sweep.iter().chain(&sizes.idle_steps).copied().collect();
+    let mut client_axis: Vec<usize> = sizes
+        .sweep
+        .iter()
+        .chain(&sizes.idle_steps)
+        .copied()
+        .collect();
     client_axis.sort_unstable();
     client_axis.dedup();
     let rate = Metric::Pointer("/commands_per_sec".into());
@@ -435,10 +457,8 @@ fn chart(
                         .iter()
                         .enumerate()
                         .filter_map(|(index, &clients)| {
-                            let metric =
-                                Metric::Pointer(format!("/steps/{index}/kib_per_client"));
-                            let step_clients =
-                                Metric::Pointer(format!("/steps/{index}/clients"));
+                            let metric = Metric::Pointer(format!("/steps/{index}/kib_per_client"));
+                            let step_clients = Metric::Pointer(format!("/steps/{index}/clients"));
                             // QSD's steps stop at 1,000: match by count, not position.
                             (median_of(runs, &step_clients)? as usize == clients)
                                 .then(|| median_of(runs, &metric))

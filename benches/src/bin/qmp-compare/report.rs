@@ -39,7 +39,12 @@ pub fn median(mut values: Vec<f64>) -> Option<f64> {
 
 /// The median of `metric` over `runs`.
 pub fn median_of(runs: &Runs, metric: &Metric) -> Option<f64> {
-    median(runs.samples.iter().filter_map(|run| metric.of(run)).collect())
+    median(
+        runs.samples
+            .iter()
+            .filter_map(|run| metric.of(run))
+            .collect(),
+    )
 }
 
 fn cell(row: &Row, runs: Option<&Runs>, target: Target) -> Cell {

@@ -207,7 +207,10 @@ impl Runner {
         let pid = server.child.id();
         // Verified rather than trusted: the runtime reads TOKIO_WORKER_THREADS itself.
         let threads = runtime_threads(pid);
-        if let Some(wanted) = setup.worker_threads.filter(|&wanted| threads != Some(wanted)) {
+        if let Some(wanted) = setup
+            .worker_threads
+            .filter(|&wanted| threads != Some(wanted))
+        {
             return Err(format!(
                 "{} runs {threads:?} tokio threads, not the {wanted} TOKIO_WORKER_THREADS asks for",
                 target.name()

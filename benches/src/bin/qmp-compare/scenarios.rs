@@ -96,9 +96,9 @@ impl Metric {
     pub fn of(&self, run: &Value) -> Option<f64> {
         match self {
             Metric::Pointer(pointer) => run.pointer(pointer)?.as_f64(),
-            Metric::CpuPerCommand => Some(
-                run["server_cpu_seconds"].as_f64()? * 1e6 / run["commands"].as_f64()?.max(1.0),
-            ),
+            Metric::CpuPerCommand => {
+                Some(run["server_cpu_seconds"].as_f64()? * 1e6 / run["commands"].as_f64()?.max(1.0))
+            }
         }
     }
 }
@@ -366,9 +366,7 @@ pub fn scenarios(sizes: &Sizes) -> Vec<Scenario> {
             not_applicable: no_delay.clone(),
             rows: vec![
                 Row::new(
-                    format!(
-                        "(g) {n} paused clients (x-delay 60 s running), idle server CPU"
-                    ),
+                    format!("(g) {n} paused clients (x-delay 60 s running), idle server CPU"),
                     field("idle_server_cpu_percent"),
                     Unit::PercentCore,
                     if clients >= 10_000 {
@@ -455,6 +453,12 @@ pub fn scenarios(sizes: &Sizes) -> Vec<Scenario> {
             Row::new(
                 format!("{storm}: RSS growth after the first second"),
                 field("rss_growth_kib"),
+                Unit::Kib,
+                Goal::None,
+            ),
+            Row::new(
+                format!("{storm}: RSS growth over the second half"),
+                field("rss_growth_second_half_kib"),
                 Unit::Kib,
                 Goal::None,
             ),

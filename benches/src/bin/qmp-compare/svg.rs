@@ -65,10 +65,31 @@ pub fn render(
         lines.depth
     );
     let panel = |svg: &mut String, title: &str, series, unit, left, right| {
-        line_panel(svg, &Panel { title, unit }, series, lines.client_axis, left, right);
+        line_panel(
+            svg,
+            &Panel { title, unit },
+            series,
+            lines.client_axis,
+            left,
+            right,
+        );
     };
-    panel(&mut svg, &throughput_title, lines.throughput, "commands/s", 70.0, 560.0);
-    panel(&mut svg, "Server KiB per idle client", lines.memory, "KiB", 640.0, 1000.0);
+    panel(
+        &mut svg,
+        &throughput_title,
+        lines.throughput,
+        "commands/s",
+        70.0,
+        560.0,
+    );
+    panel(
+        &mut svg,
+        "Server KiB per idle client",
+        lines.memory,
+        "KiB",
+        640.0,
+        1000.0,
+    );
     latency_panel(&mut svg, targets, latency, 1080.0, 1480.0);
     // Legend under both panels.
     for (index, name) in targets.iter().enumerate() {
