@@ -138,11 +138,13 @@ async fn read_events(mut stream: Box<dyn Stream>, tally: Arc<Tally>) {
                 continue;
             }
             tally.last_ns[index].fetch_max(now_ns, Ordering::Relaxed);
-            if tally.arrived[index].fetch_add(1, Ordering::AcqRel) + 1 == tally.clients {
-                tally.everyone.notify_one();
-            }
+            // Counted before the arrival that may wake the controller, which reads it as
+            // soon as the last event has reached everyone.
             if in_order && received == tally.arrived.len() {
                 tally.complete.fetch_add(1, Ordering::Relaxed);
+            }
+            if tally.arrived[index].fetch_add(1, Ordering::AcqRel) + 1 == tally.clients {
+                tally.everyone.notify_one();
             }
         }
         buf.drain(..start);

@@ -279,19 +279,17 @@ fn main() {
     }
 }
 
-/// The largest client count any scenario may ask for, to raise the open-file limit to.
+/// The most clients any scenario of this run asks for (one process's share), before the
+/// open-file limit is taken into account.
 fn most_clients(cli: &Cli) -> u64 {
-    let lists = [&cli.idle_clients, &cli.paused_clients, &cli.sweep];
+    let sizes = sizes(cli, u64::MAX);
+    let lists = [&sizes.idle_steps, &sizes.paused, &sizes.sweep];
     let listed = lists.iter().flat_map(|list| list.iter().copied()).max();
-    let single = [cli.broadcast_clients, cli.storm_clients]
+    let single = [sizes.broadcast_clients, sizes.storm_clients]
         .into_iter()
-        .flatten()
         .max();
-    [listed, single, Some(100_000)]
-        .into_iter()
-        .flatten()
-        .max()
-        .unwrap_or(0) as u64
+    // The paused scenarios' waiting connection and the event scenarios' controller.
+    (listed.max(single).unwrap_or(0) + 1) as u64
 }
 
 fn run(cli: Cli) -> Result<(), BoxError> {
@@ -299,10 +297,10 @@ fn run(cli: Cli) -> Result<(), BoxError> {
     let invocation = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
     // Raised here, before any server starts, so that every server inherits it; what does
     // not fit is scaled down in `sizes`.
-    let limit = match qmp_benches::nofile::raise_to(most_clients(&cli) + 2 * SPARE) {
+    let limit = match qmp_benches::nofile::raise_to(most_clients(&cli) + SPARE) {
         Ok(limit) => limit,
         Err(err) => {
-            eprintln!("qmp-compare: {err}; scaling down");
+            eprintln!("qmp-compare: {err}; scaling down to the limit instead");
             qmp_benches::nofile::current()
         }
     };
