@@ -53,7 +53,7 @@ struct Cli {
     /// Measurements per target of the other scenarios (memory, paused, events).
     #[arg(long, default_value_t = 1)]
     memory_rounds: usize,
-    /// A quick look (about a minute and a half): one round of 0.5 s, scaled-down clients
+    /// A quick look (under a minute): one round of 0.5 s, scaled-down clients
     /// (idle up to 10,000, paused and events 1,000), a 2 s storm, no 10,000-client sweep
     /// point. Explicit options still win.
     #[arg(long)]
