@@ -7,20 +7,23 @@
 //! `Server` serves one async client over `tokio::io::duplex` (through `ByteStream`, no
 //! socket), which pipelines 256 requests per iteration and reads the 256 replies. The
 //! requests cycle through every registered name, so the 10,000-command case touches the
-//! whole table; the goal is throughput flat (±10%) from 10 to 10,000 commands. A third case
-//! registers 10,000 but uses only 10 of them, to tell table size from working set.
+//! whole table; the goal (issue #16) is cycling through all 10,000 within 1.2× the cost of
+//! cycling through 10. A third case registers 10,000 but uses only 10 of them, to tell table
+//! size from working set. The server and client are `qmp_benches::registry`'s, shared with
+//! qmp-compare.
+//!
+//! After criterion's groups, `registry_ratio` times the three cases round by round in turn
+//! and prints the ratios of their medians: criterion measures each case on its own, and the
+//! noise between separate measurements on a shared machine swamps a 10-20% difference.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_main};
-use qmp_dispatcher::{ByteStream, Command, NoArgs, QmpError, Registry, Server, args};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
+use qmp_benches::registry::{self, Client, PIPELINED, server_with};
+use qmp_dispatcher::args;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-
-/// Requests pipelined per iteration of the end-to-end benchmark.
-const PIPELINED: usize = 256;
 
 /// A small argument struct, like `x-delay`'s.
 #[derive(Debug, Deserialize)]
@@ -100,102 +103,6 @@ fn argument_decoding(c: &mut Criterion) {
     group.finish();
 }
 
-/// A server with `commands` registered commands besides the built-ins, each answering `{}`.
-fn server_with(commands: usize) -> Server {
-    let mut registry = Registry::builder();
-    for index in 0..commands {
-        registry
-            .add(Command::sync(command_name(index), |_: NoArgs, _| {
-                Ok::<_, QmpError>(json!({}))
-            }))
-            .expect("names are unique");
-    }
-    Server::builder(registry.build())
-        .max_in_flight(PIPELINED * 2)
-        .build()
-}
-
-/// Fixed-width names, so every request has the same length whatever the registry size.
-fn command_name(index: usize) -> String {
-    format!("x-bench-{index:05}")
-}
-
-/// The client end of a served duplex stream, negotiated with `async`.
-struct Client {
-    stream: DuplexStream,
-    buf: Vec<u8>,
-    /// `PIPELINED` requests, cycling through the registered names batch after batch.
-    batches: Vec<Vec<u8>>,
-    next_batch: usize,
-}
-
-impl Client {
-    /// Connects to `server`; requests cycle through the first `names_used` commands.
-    async fn connect(server: &Server, names_used: usize) -> Self {
-        let (client, served) = tokio::io::duplex(256 * 1024);
-        server.spawn_connection(ByteStream(served));
-        let mut this = Client {
-            stream: client,
-            buf: Vec::with_capacity(64 * 1024),
-            batches: Vec::new(),
-            next_batch: 0,
-        };
-        this.read_lines(1).await; // greeting
-        this.stream
-            .write_all(br#"{"execute": "qmp_capabilities", "arguments": {"enable": ["async"]}}"#)
-            .await
-            .unwrap();
-        this.read_lines(1).await;
-        let batch_count = names_used.div_ceil(PIPELINED).max(1);
-        let mut id = 0;
-        for _ in 0..batch_count {
-            let mut batch = Vec::new();
-            for _ in 0..PIPELINED {
-                let name = command_name(id % names_used);
-                batch.extend_from_slice(format!(r#"{{"execute":"{name}","id":{id}}}"#).as_bytes());
-                id += 1;
-            }
-            this.batches.push(batch);
-        }
-        this
-    }
-
-    /// Reads until `lines` more newline-terminated messages have arrived.
-    async fn read_lines(&mut self, mut lines: usize) {
-        while lines > 0 {
-            self.buf.clear();
-            let read = self.stream.read_buf(&mut self.buf).await.unwrap();
-            assert!(read > 0, "server closed the connection");
-            lines = lines.saturating_sub(self.buf.iter().filter(|&&b| b == b'\n').count());
-        }
-    }
-
-    /// Pipelines one batch and waits for all its replies.
-    async fn round(&mut self) {
-        let batch = std::mem::take(&mut self.batches[self.next_batch]);
-        let (stream_read, mut stream_write) = tokio::io::split(&mut self.stream);
-        let write = async {
-            stream_write.write_all(&batch).await.unwrap();
-        };
-        let read = async {
-            let mut stream_read = stream_read;
-            let mut buf = std::mem::take(&mut self.buf);
-            let mut lines = PIPELINED;
-            while lines > 0 {
-                buf.clear();
-                let read = stream_read.read_buf(&mut buf).await.unwrap();
-                assert!(read > 0, "server closed the connection");
-                lines = lines.saturating_sub(buf.iter().filter(|&&b| b == b'\n').count());
-            }
-            buf
-        };
-        let ((), buf) = tokio::join!(write, read);
-        self.buf = buf;
-        self.batches[self.next_batch] = batch;
-        self.next_batch = (self.next_batch + 1) % self.batches.len();
-    }
-}
-
 fn registry_size(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -205,11 +112,12 @@ fn registry_size(c: &mut Criterion) {
     group.throughput(Throughput::Elements(PIPELINED as u64));
     // (registered, names the requests cycle through): the third case separates the table's
     // size from the working set of entries touched.
-    for (commands, names_used, label) in [
-        (10, 10, "registered_commands"),
-        (10_000, 10_000, "registered_commands"),
-        (10_000, 10, "registered_commands_10_used"),
-    ] {
+    for (commands, names_used) in registry::CASES {
+        let label = if names_used == commands {
+            "registered_commands"
+        } else {
+            "registered_commands_10_used"
+        };
         let server = server_with(commands);
         let mut client = runtime.block_on(Client::connect(&server, names_used));
         group.bench_with_input(BenchmarkId::new(label, commands), &commands, |b, _| {
@@ -233,9 +141,76 @@ fn registry_size(c: &mut Criterion) {
     group.finish();
 }
 
-/// The benchmark group that `criterion_main!` runs.
+/// Rounds of each case timed by [`registry_ratio`].
+const RATIO_ROUNDS: usize = 1500;
+
+/// The registry-size goal as a ratio: the three cases timed round by round in turn (see
+/// `qmp_benches::registry::interleaved_ratios`), since criterion measures each case on its
+/// own and the machine's noise between them would swamp a 10-20% difference.
+fn registry_ratio(rounds: usize) {
+    let ratios = registry::interleaved_ratios(rounds, rounds / 10);
+    println!(
+        "registry_ratio: medians of {} interleaved rounds of {PIPELINED} requests: \
+         10 of 10 commands {:.0} ns/cmd, all 10,000 of 10,000 {:.0} ns/cmd, 10 of 10,000 \
+         {:.0} ns/cmd; all 10,000 ÷ 10 = {:.2}×, 10 of 10,000 ÷ 10 = {:.2}×",
+        ratios.rounds,
+        ratios.ns_per_command(0),
+        ratios.ns_per_command(1),
+        ratios.ns_per_command(2),
+        ratios.all_of_10k(),
+        ratios.ten_of_10k(),
+    );
+}
+
+/// The benchmark group that `main` runs.
 mod group {
     #![allow(missing_docs)] // criterion_group! defines an undocumented `pub fn`.
     criterion::criterion_group!(benches, super::argument_decoding, super::registry_size);
 }
-criterion_main!(group::benches);
+
+/// criterion's options that take a value, which is not a filter.
+const VALUE_OPTIONS: [&str; 15] = [
+    "--save-baseline",
+    "--baseline",
+    "--baseline-lenient",
+    "--load-baseline",
+    "--warm-up-time",
+    "--measurement-time",
+    "--sample-size",
+    "--nresamples",
+    "--noise-threshold",
+    "--confidence-level",
+    "--significance-level",
+    "--profile-time",
+    "--output-format",
+    "--color",
+    "--plotting-backend",
+];
+
+/// criterion's groups, then the interleaved registry ratio unless a filter excludes it
+/// (`cargo bench --bench dispatch -- registry_ratio` runs only the ratio; `--list` and
+/// other filters skip it; under `--test` it runs a few rounds only, as a smoke test).
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut filter = None;
+    let mut skip_value = false;
+    for arg in &args {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        if VALUE_OPTIONS.contains(&arg.as_str()) {
+            skip_value = true;
+        } else if !arg.starts_with('-') {
+            filter = Some(arg.as_str());
+        }
+    }
+    let has = |flag: &str| args.iter().any(|arg| arg == flag);
+    let ratio_wanted = filter.is_none_or(|filter| "registry_ratio".contains(filter));
+    if filter.is_none() || !ratio_wanted {
+        group::benches();
+        Criterion::default().configure_from_args().final_summary();
+    }
+    if ratio_wanted && !has("--list") {
+        registry_ratio(if has("--test") { 10 } else { RATIO_ROUNDS });
+    }
+}

@@ -215,3 +215,192 @@ fn no_progress_when_stderr_is_not_a_terminal() {
     let out = String::from_utf8_lossy(&output.stdout);
     assert!(out.contains("cmds/s") && out.contains("p99.9"), "{out}");
 }
+
+/// `qmp-bench --spawn "qmp-floor --unix SOCKET FLOOR_ARGS..." --unix SOCKET ARGS...`.
+fn bench_on_floor_with(floor_args: &str, args: &[&str]) -> Command {
+    let socket = socket();
+    let mut command = Command::new(BENCH);
+    command
+        .arg("--spawn")
+        .arg(format!(
+            "{FLOOR} --unix {} {floor_args} 2>/dev/null",
+            socket.display()
+        ))
+        .arg("--unix")
+        .arg(&socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+#[test]
+fn idle_steps_report_each_count_of_one_growing_set() {
+    let output = finish(bench_on_floor(&[
+        "--idle-clients",
+        "20,50",
+        "--caps",
+        "async",
+        "--json",
+    ]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let result = json(&output);
+    let steps = result["steps"].as_array().expect("steps");
+    let clients: Vec<u64> = steps
+        .iter()
+        .map(|s| s["clients"].as_u64().unwrap())
+        .collect();
+    assert_eq!(clients, [20, 50]);
+    for step in steps {
+        assert!(step["kib_per_client"].as_f64().is_some(), "{result}");
+        assert!(step["rss_after_kib"].as_u64().unwrap() > 0, "{result}");
+    }
+    // The last step is also given at the top level, as before steps existed.
+    assert_eq!(result["idle_clients"], 50);
+    assert_eq!(result["kib_per_client"], steps[1]["kib_per_client"]);
+}
+
+#[test]
+fn paused_clients_report_idle_cpu_and_time_their_departures() {
+    let output = finish(bench_on_floor_with(
+        "--max-clients 12",
+        &[
+            "--paused-clients",
+            "12",
+            "--idle-seconds",
+            "0.2",
+            "--departures",
+            "3",
+            "--json",
+        ],
+    ));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let result = json(&output);
+    assert_eq!(result["paused_clients"], 12);
+    assert_eq!(result["departures"], 3);
+    assert_eq!(result["departure_ms"].as_array().unwrap().len(), 3);
+    assert!(result["departure_ms_max"].as_f64().is_some(), "{result}");
+    assert!(
+        result["idle_server_cpu_percent"].as_f64().is_some(),
+        "{result}"
+    );
+    // The floor answers x-delay after 60 s: nothing may have come back yet.
+    assert_eq!(result["unexpected_replies"], 0);
+}
+
+#[test]
+fn paused_clients_need_a_server_at_its_client_limit() {
+    // Without --max-clients the floor greets the probe at once: a departure could not be
+    // told from that, so the run refuses rather than report nonsense.
+    let output = finish(bench_on_floor(&[
+        "--paused-clients",
+        "3",
+        "--idle-seconds",
+        "0.1",
+    ]));
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("--max-clients 3"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn every_event_client_gets_each_broadcast_in_order() {
+    let output = finish(bench_on_floor_with(
+        "--events",
+        &[
+            "--event-clients",
+            "15",
+            "--events",
+            "6",
+            "--caps",
+            "async",
+            "--json",
+        ],
+    ));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let result = json(&output);
+    assert_eq!(result["complete_clients"], 15);
+    assert_eq!(result["out_of_order_clients"], 0);
+    assert_eq!(result["replies"], 6);
+    assert!(result["us_per_delivery"].as_f64().is_some(), "{result}");
+    assert!(result["last_client_ms_max"].as_f64().is_some(), "{result}");
+}
+
+#[test]
+fn a_storm_checks_every_client_and_samples_rss() {
+    let output = finish(bench_on_floor_with(
+        "--events",
+        &[
+            "--event-clients",
+            "10",
+            "--event-rate",
+            "200",
+            "--duration",
+            "0.6",
+            "--caps",
+            "async",
+            "--json",
+        ],
+    ));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let result = json(&output);
+    assert_eq!(result["events"], 120);
+    assert_eq!(result["complete_clients"], 10);
+    assert_eq!(result["missing_clients"], 0);
+    assert_eq!(result["disconnected_clients"], 0);
+    assert!(!result["rss_samples"].as_array().unwrap().is_empty());
+    assert!(result["lag_ms_max"].as_f64().is_some(), "{result}");
+}
+
+#[test]
+fn without_events_mode_the_floor_sends_none_and_the_run_fails() {
+    // `stop` and `cont` answer, but no event comes: the run must not pass as delivered.
+    let output = finish(bench_on_floor(&[
+        "--event-clients",
+        "2",
+        "--events",
+        "1",
+        "--event-timeout",
+        "0.5",
+        "--caps",
+        "async",
+    ]));
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("reached 0 of 2 clients"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn too_few_open_files_is_said_before_connecting() {
+    // `ulimit -n` in sh lowers the hard limit too, which qmp-bench cannot raise back
+    // unless privileged (then it raises it and the run simply succeeds).
+    let socket = socket();
+    let script = format!(
+        "ulimit -n 200 && exec {BENCH} --spawn '{FLOOR} --unix {0} 2>/dev/null' --unix {0} \
+         --idle-clients 1000 --caps async",
+        socket.display()
+    );
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let output = finish(command);
+    if output.status.success() {
+        eprintln!("privileged: the hard limit was raised; nothing to check");
+        return;
+    }
+    let err = stderr(&output);
+    assert!(
+        err.contains("open files needed") && err.contains("hard limit is 200"),
+        "{err}"
+    );
+}

@@ -1,15 +1,28 @@
-//! A small hand-written SVG chart: throughput against clients (lines) and latency
+//! A small hand-written SVG chart: throughput and server memory per idle client against
+//! clients (lines, one client axis from 1 to the largest count measured) and latency
 //! percentiles per scenario (bars on a log scale). No plotting dependency: the chart is a
 //! few dozen elements.
 
 use std::fmt::Write as _;
 
-/// One target's line in the throughput panel: (clients, commands per second) points.
+/// One target's line in a panel against clients: (clients, value) points.
 pub struct Series<'a> {
     /// Legend text.
     pub name: &'a str,
     /// Points in increasing client order; a missing measurement is left out.
     pub points: Vec<(usize, f64)>,
+}
+
+/// The two panels against clients, sharing one axis.
+pub struct Lines<'a> {
+    /// Commands/s per target.
+    pub throughput: &'a [Series<'a>],
+    /// KiB of server RSS per idle client per target.
+    pub memory: &'a [Series<'a>],
+    /// Every client count on the axis, increasing.
+    pub client_axis: &'a [usize],
+    /// Commands in flight per client of the throughput sweep.
+    pub depth: usize,
 }
 
 /// One scenario's latency bars: per target, `(p50, p99)` in microseconds, or `None` (n/a).
@@ -23,18 +36,17 @@ pub struct LatencyGroup<'a> {
 /// Colours of the targets, in legend order.
 const COLOURS: [&str; 4] = ["#1f77b4", "#7f7f7f", "#d62728", "#2ca02c"];
 
-const WIDTH: f64 = 1100.0;
+const WIDTH: f64 = 1500.0;
 const HEIGHT: f64 = 440.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 370.0;
 
-/// Renders both panels; `targets` names the legend entries, matching the order of
-/// `LatencyGroup::bars` and of `throughput`.
+/// Renders the three panels; `targets` names the legend entries, matching the order of
+/// `LatencyGroup::bars` and of the series.
 pub fn render(
     title: &str,
     targets: &[&str],
-    throughput: &[Series<'_>],
-    client_counts: &[usize],
+    lines: &Lines<'_>,
     latency: &[LatencyGroup<'_>],
 ) -> String {
     let mut svg = String::new();
@@ -48,8 +60,37 @@ pub fn render(
         WIDTH / 2.0,
         escape(title)
     );
-    throughput_panel(&mut svg, throughput, client_counts, 70.0, 500.0);
-    latency_panel(&mut svg, targets, latency, 620.0, 1080.0);
+    let throughput_title = format!(
+        "Throughput (commands/s) against clients, {} in flight each",
+        lines.depth
+    );
+    let panel = |svg: &mut String, title: &str, series, unit, left, right| {
+        line_panel(
+            svg,
+            &Panel { title, unit },
+            series,
+            lines.client_axis,
+            left,
+            right,
+        );
+    };
+    panel(
+        &mut svg,
+        &throughput_title,
+        lines.throughput,
+        "commands/s",
+        70.0,
+        560.0,
+    );
+    panel(
+        &mut svg,
+        "Server KiB per idle client",
+        lines.memory,
+        "KiB",
+        640.0,
+        1000.0,
+    );
+    latency_panel(&mut svg, targets, latency, 1080.0, 1480.0);
     // Legend under both panels.
     for (index, name) in targets.iter().enumerate() {
         let x = 70.0 + index as f64 * 220.0;
@@ -67,9 +108,17 @@ pub fn render(
     svg
 }
 
-/// Throughput (commands/s, linear) against clients (evenly spaced categories).
-fn throughput_panel(
+/// A line panel's texts.
+struct Panel<'a> {
+    title: &'a str,
+    /// What a point's value is, for its tooltip.
+    unit: &'a str,
+}
+
+/// Values (linear) against clients (evenly spaced categories, so 1 to 100,000 fit).
+fn line_panel(
     svg: &mut String,
+    panel: &Panel<'_>,
     series: &[Series<'_>],
     client_counts: &[usize],
     left: f64,
@@ -91,9 +140,10 @@ fn throughput_panel(
     };
     let _ = writeln!(
         svg,
-        r#"<text x="{}" y="{}" text-anchor="middle">Throughput (commands/s) against clients, 8 in flight each</text>"#,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
         (left + right) / 2.0,
-        TOP - 12.0
+        TOP - 12.0,
+        escape(panel.title)
     );
     for tick in 0..=5 {
         let value = top_value * f64::from(tick) / 5.0;
@@ -109,9 +159,10 @@ fn throughput_panel(
     for &clients in client_counts {
         let _ = writeln!(
             svg,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle">{clients}</text>"#,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
             x(clients),
-            BOTTOM + 18.0
+            BOTTOM + 18.0,
+            short_number(clients as f64)
         );
     }
     let _ = writeln!(
@@ -138,10 +189,12 @@ fn throughput_panel(
         for &(clients, rate) in &series.points {
             let _ = writeln!(
                 svg,
-                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{colour}"><title>{}: {clients} clients, {rate:.0} commands/s</title></circle>"#,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{colour}"><title>{}: {clients} clients, {} {}</title></circle>"#,
                 x(clients),
                 y(rate),
-                escape(series.name)
+                escape(series.name),
+                short_number(rate),
+                escape(panel.unit)
             );
         }
     }

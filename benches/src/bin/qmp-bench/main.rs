@@ -5,6 +5,17 @@
 //! Each client connects, reads the greeting, negotiates `--caps`, then keeps exactly `--depth`
 //! requests in flight, matching replies by id. Events are skipped; error replies are counted
 //! apart, left out of the latency figures, and make the run exit with status 1.
+//!
+//! Other modes measure the server at scale rather than its throughput: idle clients by the
+//! hundred thousand (`--idle-clients`), paused connections (`--paused-clients`, in
+//! `paused.rs`), events to many clients (`--event-clients`, in `events.rs`), commands held
+//! in flight (`--hold-in-flight`). Clients at that scale are compact (`many.rs`). qmp-bench
+//! raises its open-file limit to what the run needs before it connects or spawns anything,
+//! so a server it spawns inherits the limit too.
+
+mod events;
+mod many;
+mod paused;
 
 use std::error::Error;
 use std::fmt::Write as _;
@@ -36,6 +47,13 @@ const RSS_INTERVAL: Duration = Duration::from_millis(50);
 const INTERRUPT_GRACE: Duration = Duration::from_secs(1);
 /// How long a spawned server may take to exit after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Handshakes under way at once when opening load clients: below the listen backlog, so
+/// connecting thousands of clients is not refused while the server catches up.
+const CONCURRENT_CONNECTS: usize = 256;
+/// The request of a load run unless --command says otherwise.
+const DEFAULT_COMMAND: &str = r#"{"execute":"query-version"}"#;
+/// The request of a paused run: far longer than the run.
+const PAUSED_COMMAND: &str = r#"{"execute":"x-delay","arguments":{"ms":60000}}"#;
 /// Exit status of a run in which commands failed.
 const EXIT_ERRORS: u8 = 1;
 /// Exit status of a run stopped by Ctrl-C (128 + SIGINT), after printing its results.
@@ -86,9 +104,10 @@ struct Cli {
     /// Issue exactly this many commands in total, then stop.
     #[arg(long)]
     count: Option<u64>,
-    /// The request without id; a unique numeric id is added to each request.
-    #[arg(long, default_value = r#"{"execute":"query-version"}"#)]
-    command: String,
+    /// The request without id; a unique numeric id is added to each request. Default:
+    /// `{"execute":"query-version"}`, or with --paused-clients `x-delay` of 60 s.
+    #[arg(long)]
+    command: Option<String>,
     /// Capabilities to enable in qmp_capabilities, comma-separated, e.g. `oob,async`.
     /// Empty means a legacy client.
     #[arg(long, default_value = "")]
@@ -107,9 +126,39 @@ struct Cli {
     #[arg(long)]
     pid: Option<u32>,
     /// Memory mode: connect and negotiate N clients, hold them idle, and report the server's
-    /// RSS growth per client (needs --pid or --spawn).
-    #[arg(long)]
-    idle_clients: Option<usize>,
+    /// RSS growth per client (needs --pid or --spawn). A comma-separated list such as
+    /// `1000,10000,100000` grows the same set of clients step by step and reports each step
+    /// (growth since the start ÷ clients connected), so the trend is visible.
+    #[arg(long, value_delimiter = ',', value_parser = at_least_one)]
+    idle_clients: Vec<usize>,
+    /// Paused mode: N clients each send `--command` once (default `x-delay` of 60 s) and
+    /// idle while it runs; reports the server's CPU over `--idle-seconds`, then closes
+    /// clients one at a time and times until the server notices (see paused.rs: the server
+    /// must be at its client limit, e.g. qmp-demo or qmp-floor with `--max-clients N`).
+    /// Use no --caps (legacy clients): QEMU pauses a legacy client behind its command.
+    #[arg(long, value_parser = at_least_one, conflicts_with_all = ["idle_clients", "hold_in_flight"])]
+    paused_clients: Option<usize>,
+    /// Paused mode: seconds of idling over which the server's CPU is measured.
+    #[arg(long, default_value_t = 3.0)]
+    idle_seconds: f64,
+    /// Paused mode: departures to time.
+    #[arg(long, default_value_t = 10)]
+    departures: usize,
+    /// Event mode: N negotiated clients that only read events, and one controller that
+    /// alternates `stop` and `cont` (STOP and RESUME; qmp-floor needs `--events`). Without
+    /// --event-rate, `--events` broadcasts one at a time; with it, a storm for --duration.
+    #[arg(long, value_parser = at_least_one, conflicts_with_all = ["idle_clients", "hold_in_flight", "paused_clients"])]
+    event_clients: Option<usize>,
+    /// Event mode: broadcasts to time, one at a time.
+    #[arg(long, default_value_t = 20, value_parser = at_least_one)]
+    events: usize,
+    /// Event mode: a storm of this many events per second for --duration seconds (default
+    /// 10), every client checked to get every event in order, the server's RSS sampled.
+    #[arg(long, requires = "event_clients")]
+    event_rate: Option<f64>,
+    /// Event mode: seconds every client may take to get one event before the run fails.
+    #[arg(long, default_value_t = 30.0)]
+    event_timeout: f64,
     /// Memory mode: each of `--clients` sends `--depth` commands at once (make them slow, e.g.
     /// `x-delay` of 20 s), then the server's RSS is sampled until it settles and its growth
     /// per in-flight command is reported (needs --pid or --spawn). Replies that arrive before
@@ -161,20 +210,23 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// Connects to `target`.
+async fn connect_io(target: &Target) -> std::io::Result<Box<dyn Stream>> {
+    Ok(match target {
+        Target::Unix(path) => Box::new(UnixStream::connect(path).await?) as Box<dyn Stream>,
+        Target::Tcp(addr) => {
+            let stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            Box::new(stream)
+        }
+    })
+}
+
 /// Connects to `target`; the error names it.
 async fn connect(target: &Target) -> Result<Box<dyn Stream>, BoxError> {
-    let connected: std::io::Result<Box<dyn Stream>> = async {
-        Ok(match target {
-            Target::Unix(path) => Box::new(UnixStream::connect(path).await?) as Box<dyn Stream>,
-            Target::Tcp(addr) => {
-                let stream = TcpStream::connect(addr).await?;
-                stream.set_nodelay(true)?;
-                Box::new(stream)
-            }
-        })
-    }
-    .await;
-    connected.map_err(|err| format!("cannot connect to {target}: {err}").into())
+    connect_io(target)
+        .await
+        .map_err(|err| format!("cannot connect to {target}: {err}").into())
 }
 
 /// The members of a server message the generator needs; the rest is parsed and skipped.
@@ -238,7 +290,7 @@ impl Connection {
 
 /// Connects one client, reads the greeting and negotiates the capabilities.
 async fn open_client(target: &Target, opts: &Options) -> Result<Connection, BoxError> {
-    let mut conn = Connection::new(connect(target).await?);
+    let mut conn = Connection::new(many::connect_retrying(target).await?);
     if opts.no_greeting {
         return Ok(conn);
     }
@@ -271,6 +323,8 @@ struct Options {
     caps: Vec<String>,
     no_greeting: bool,
     depth: usize,
+    /// The request as given (or the mode's default), without id.
+    command: String,
     /// The request serialised up to where `"id":N}` is appended.
     request_prefix: Vec<u8>,
     /// Total commands to issue, if counted rather than timed.
@@ -505,17 +559,23 @@ fn process_cpu_seconds(pid: &str) -> Result<f64, BoxError> {
     Ok((utime + stime) / USER_HZ)
 }
 
-/// Opens `clients` connections concurrently, client `i` on `targets[i % targets.len()]`.
+/// Opens `clients` connections concurrently, client `i` on `targets[i % targets.len()]`,
+/// with at most [`CONCURRENT_CONNECTS`] handshakes under way at once.
 async fn open_clients(
     clients: usize,
     targets: &[Target],
     opts: &Arc<Options>,
 ) -> Result<Vec<Connection>, BoxError> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CONNECTS));
     let mut tasks = tokio::task::JoinSet::new();
     for index in 0..clients {
         let target = targets[index % targets.len()].clone();
         let opts = Arc::clone(opts);
-        tasks.spawn(async move { open_client(&target, &opts).await });
+        let slots = Arc::clone(&slots);
+        tasks.spawn(async move {
+            let _slot = slots.acquire_owned().await?;
+            open_client(&target, &opts).await
+        });
     }
     let mut conns = Vec::with_capacity(clients);
     while let Some(result) = tasks.join_next().await {
@@ -530,6 +590,8 @@ struct Outcome {
     line: String,
     /// Error replies, with the first one.
     errors: Option<(u64, String)>,
+    /// What failed in a run that is not one of commands (clients that missed events).
+    failure: Option<String>,
     interrupted: bool,
 }
 
@@ -539,6 +601,7 @@ impl Outcome {
             json,
             line,
             errors: None,
+            failure: None,
             interrupted: false,
         }
     }
@@ -547,7 +610,7 @@ impl Outcome {
 /// The run's settings, echoed in `--json` so a result file says what was measured.
 fn settings(cli: &Cli, targets: &[Target], opts: &Options) -> serde_json::Value {
     serde_json::json!({
-        "command": cli.command,
+        "command": opts.command,
         "caps": opts.caps,
         "clients": cli.clients,
         "depth": opts.depth,
@@ -733,33 +796,59 @@ async fn measure_load(
         json,
         line,
         errors: (errors > 0).then(|| (errors, first_error.unwrap_or_default())),
+        failure: None,
         interrupted,
     })
 }
 
-/// Memory run: RSS growth of the server per idle, negotiated client.
+/// Memory run: RSS growth of the server per idle, negotiated client, at each of `steps`
+/// (increasing client counts; the clients of one step stay for the next).
+///
+/// Clients are compact (`many.rs`): once negotiated each is a bare stream that nobody reads,
+/// so the generator holds 100,000 of them in a few tens of MB.
 async fn measure_idle(
-    clients: usize,
+    steps: &[usize],
     targets: &[Target],
-    opts: Arc<Options>,
+    shake: Arc<many::Handshake>,
     server: &Server,
 ) -> Result<Outcome, BoxError> {
-    let before = server.memory_kib("VmRSS")?;
-    let conns = open_clients(clients, targets, &opts).await?;
-    // Let the server finish whatever per-connection setup follows the negotiation reply.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = server.memory_kib("VmRSS")?;
+    let before = settled_rss_kib(server).await?;
+    let mut conns = Vec::new();
+    let mut results = Vec::with_capacity(steps.len());
+    let mut line = String::new();
+    for &clients in steps {
+        let started = Instant::now();
+        let more = clients.saturating_sub(conns.len());
+        conns.append(&mut many::open_many(more, conns.len(), targets, &shake).await?);
+        let connect_seconds = started.elapsed().as_secs_f64();
+        // Let the server finish whatever per-connection setup follows the negotiation reply.
+        let after = settled_rss_kib(server).await?;
+        let per_client = (after as f64 - before as f64) / conns.len() as f64;
+        results.push(serde_json::json!({
+            "clients": conns.len(),
+            "rss_after_kib": after,
+            "kib_per_client": per_client,
+            "connect_seconds": connect_seconds,
+        }));
+        if !line.is_empty() {
+            line.push_str("; ");
+        }
+        write!(
+            line,
+            "{} idle clients: server RSS {before} -> {after} KiB = {per_client:.2} KiB per \
+             client (connected in {connect_seconds:.1} s)",
+            conns.len()
+        )?;
+    }
     drop(conns);
-    let per_client = (after as f64 - before as f64) / clients as f64;
+    let last = results.last().cloned().unwrap_or_default();
     let json = serde_json::json!({
-        "idle_clients": clients,
+        "idle_clients": last["clients"],
         "rss_before_kib": before,
-        "rss_after_kib": after,
-        "kib_per_client": per_client,
+        "rss_after_kib": last["rss_after_kib"],
+        "kib_per_client": last["kib_per_client"],
+        "steps": results,
     });
-    let line = format!(
-        "{clients} idle clients: server RSS {before} -> {after} KiB = {per_client:.2} KiB per client"
-    );
     Ok(Outcome::of(json, line))
 }
 
@@ -897,11 +986,32 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         );
         depth = 1;
     }
+    let command = cli.command.clone().unwrap_or_else(|| {
+        if cli.paused_clients.is_some() {
+            PAUSED_COMMAND.to_string()
+        } else {
+            DEFAULT_COMMAND.to_string()
+        }
+    });
+    let shake = Arc::new(many::Handshake::new(&caps, cli.no_greeting));
+    // Every client is a descriptor here and in the server; raised before the server is
+    // spawned, so that it inherits the limit.
+    let clients_needed = [
+        cli.clients,
+        cli.idle_clients.iter().copied().max().unwrap_or(0),
+        cli.paused_clients.map_or(0, |n| n + 1),
+        cli.event_clients.map_or(0, |n| n + 1),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0) as u64;
+    qmp_benches::nofile::raise_to(clients_needed + qmp_benches::nofile::SPARE_DESCRIPTORS)?;
     let opts = Arc::new(Options {
         caps,
         no_greeting: cli.no_greeting,
         depth,
-        request_prefix: request_prefix(&cli.command)?,
+        request_prefix: request_prefix(&command)?,
+        command,
         count: cli.count,
         issued: AtomicU64::new(0),
         replies: AtomicU64::new(0),
@@ -913,13 +1023,51 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         (None, Some(pid)) => Some(Server { pid, child: None }),
         (None, None) => None,
     };
-    let result = match (cli.idle_clients, cli.hold_in_flight, &server) {
-        (Some(clients), _, Some(server)) => measure_idle(clients, &targets, opts, server).await,
-        (None, true, Some(server)) => measure_held(cli.clients, &targets, opts, server).await,
-        (Some(_), _, None) | (None, true, None) => {
-            Err("--idle-clients and --hold-in-flight need --pid or --spawn".into())
+    let scale_mode = !cli.idle_clients.is_empty()
+        || cli.hold_in_flight
+        || cli.paused_clients.is_some()
+        || cli.event_clients.is_some();
+    let result = match &server {
+        None if scale_mode => Err(
+            "--idle-clients, --hold-in-flight, --paused-clients and --event-clients need \
+             --pid or --spawn"
+                .into(),
+        ),
+        Some(server) if !cli.idle_clients.is_empty() => {
+            measure_idle(&cli.idle_clients, &targets, shake, server).await
         }
-        (None, false, server) => measure_load(&cli, &targets, opts, server.as_ref()).await,
+        Some(server) if cli.hold_in_flight => {
+            measure_held(cli.clients, &targets, opts, server).await
+        }
+        Some(server) if cli.paused_clients.is_some() => {
+            let settings = paused::Paused {
+                clients: cli.paused_clients.unwrap_or(1),
+                request_prefix: opts.request_prefix.clone(),
+                idle: Duration::from_secs_f64(cli.idle_seconds),
+                departures: cli.departures,
+            };
+            paused::measure(&settings, &targets, shake, server).await
+        }
+        Some(server) => match cli.event_clients {
+            Some(clients) => {
+                let settings = events::EventRun {
+                    clients,
+                    targets: &targets,
+                    shake: &shake,
+                    server,
+                    timeout: Duration::from_secs_f64(cli.event_timeout),
+                };
+                match cli.event_rate {
+                    Some(rate) => {
+                        let duration = Duration::from_secs_f64(cli.duration.unwrap_or(10.0));
+                        events::measure_storm(&settings, rate, duration).await
+                    }
+                    None => events::measure_broadcast(&settings, cli.events).await,
+                }
+            }
+            None => measure_load(&cli, &targets, opts, Some(server)).await,
+        },
+        None => measure_load(&cli, &targets, opts, None).await,
     };
     if let Some(server) = server {
         server.stop().await;
@@ -929,6 +1077,10 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         println!("{}", outcome.json);
     } else {
         println!("{}", outcome.line);
+    }
+    if let Some(failure) = &outcome.failure {
+        eprintln!("qmp-bench: FAILED: {failure}");
+        return Ok(ExitCode::from(EXIT_ERRORS));
     }
     if let Some((errors, first)) = &outcome.errors {
         eprintln!(
@@ -947,7 +1099,7 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
     if cli.duration.is_none() && cli.count.is_none() {
-        cli.duration = Some(5.0);
+        cli.duration = Some(if cli.event_rate.is_some() { 10.0 } else { 5.0 });
     }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = cli.threads {
