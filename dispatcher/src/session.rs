@@ -75,7 +75,9 @@ pub(crate) struct Session {
     /// The client's command rate limits, when the server sets any.
     rate: Option<RateLimits>,
     /// When each command with a timeout is cancelled, unless it ends first.
-    deadlines: DelayQueue<Ticket>,
+    /// Made on the first deadline: an empty queue's timer wheel is kilobytes, and most
+    /// clients never have a command with a deadline.
+    deadlines: Option<Box<DelayQueue<Ticket>>>,
     /// `query-version`'s reply, this session's own copy: sharing one allocation among all
     /// connections would bounce its reference count between cores on every reply.
     version_json: Bytes,
@@ -110,7 +112,7 @@ impl Session {
             cancel,
             events: None,
             lagged: false,
-            deadlines: DelayQueue::new(),
+            deadlines: None,
             rate: RateLimits::configured(&shared.config).then(RateLimits::default),
             version_json: Bytes::copy_from_slice(&shared.version_json),
             fds: PositionalFds::new(
@@ -253,12 +255,17 @@ impl Session {
 
     /// True while some command in flight has a deadline.
     pub(crate) fn has_deadlines(&self) -> bool {
-        !self.deadlines.is_empty()
+        self.deadlines
+            .as_ref()
+            .is_some_and(|queue| !queue.is_empty())
     }
 
     /// Resolves with the next command whose deadline passed; pending while none has.
     pub(crate) fn poll_deadline(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Ticket> {
-        match self.deadlines.poll_expired(cx) {
+        let Some(deadlines) = &mut self.deadlines else {
+            return Poll::Pending;
+        };
+        match deadlines.poll_expired(cx) {
             Poll::Ready(Some(expired)) => Poll::Ready(expired.into_inner()),
             _ => Poll::Pending,
         }
@@ -302,7 +309,7 @@ impl Session {
     /// The client is gone or the server stops: cancel everything it had in flight.
     pub(crate) fn close(&mut self) {
         let cancelled = self.in_flight.len();
-        self.deadlines.clear();
+        self.deadlines = None;
         let info = &self.info;
         self.in_flight.cancel_all(|entry| {
             observe::command_finished(
@@ -362,7 +369,9 @@ impl Session {
 
     fn forget_deadline(&mut self, entry: &in_flight::Entry) {
         if let Some(key) = &entry.deadline {
-            self.deadlines.try_remove(key);
+            if let Some(deadlines) = &mut self.deadlines {
+                deadlines.try_remove(key);
+            }
         }
     }
 
@@ -523,7 +532,8 @@ impl Session {
             indexed: self.async_mode,
         });
         if let Some(after) = shared.config.timeout_for(&command.name) {
-            let key = self.deadlines.insert(ticket, after);
+            let deadlines = self.deadlines.get_or_insert_with(Default::default);
+            let key = deadlines.insert(ticket, after);
             if let Some(entry) = self.in_flight.get_mut(ticket) {
                 entry.deadline = Some(key);
             }

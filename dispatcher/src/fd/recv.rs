@@ -33,16 +33,21 @@ const MAX_READ: usize = 64 * 1024;
 /// what arrives, while a bulk sender reaches [`MAX_READ`] in a few reads.
 const MIN_READ: usize = 4096;
 
-/// A connection's receiving state: whether it reads exactly yet, and its control buffer.
+/// A connection's receiving state: whether it reads exactly yet, and how much it read last.
 #[derive(Debug)]
 pub struct RecvState {
     /// The connection has passed fds: find the exact byte of every later arrival.
     exact: bool,
     /// Bytes the last read brought.
     last: usize,
-    /// Room for the most fds Linux lets one message carry, reused by every read, so that a
-    /// message over the server's own cap still hands every fd over to be closed.
-    control: Vec<u8>,
+}
+
+thread_local! {
+    /// Room for the most fds Linux lets one message carry, so that a message over the
+    /// server's own cap still hands every fd over to be closed. One per thread, not per
+    /// connection: it is filled and parsed within one call.
+    static CONTROL: std::cell::RefCell<Vec<u8>> =
+        std::cell::RefCell::new(vec![0u8; cmsg_align(HEADER) + SCM_MAX_FD * size_of::<RawFd>()]);
 }
 
 impl Default for RecvState {
@@ -69,7 +74,6 @@ impl RecvState {
         RecvState {
             exact: false,
             last: 0,
-            control: vec![0u8; cmsg_align(HEADER) + SCM_MAX_FD * size_of::<RawFd>()],
         }
     }
 
@@ -133,34 +137,29 @@ fn read_offering(
     state: &mut RecvState,
 ) -> io::Result<Received> {
     if !state.exact {
-        let received = read_into(socket, buf, room, &mut state.control)?;
+        let received = read_into(socket, buf, room)?;
         if received.has_fds() {
             state.exact = true;
         }
         return Ok(received);
     }
-    let peeked = peek(socket, buf, room, &mut state.control)?;
+    let peeked = peek(socket, buf, room)?;
     if peeked.len == 0 {
         return Ok(Received::bytes(0));
     }
     if !peeked.has_fds() {
         // Nothing queued up to `peeked.len` carries fds; reading that much reads no more.
-        return read_into(socket, buf, peeked.len, &mut state.control);
+        return read_into(socket, buf, peeked.len);
     }
-    step_to_fds(socket, buf, peeked.len, state)
+    step_to_fds(socket, buf, peeked.len)
 }
 
 /// Reads one byte at a time until the byte that brings the fds, then returns it with them.
-fn step_to_fds(
-    socket: BorrowedFd<'_>,
-    buf: &mut BytesMut,
-    peeked: usize,
-    state: &mut RecvState,
-) -> io::Result<Received> {
+fn step_to_fds(socket: BorrowedFd<'_>, buf: &mut BytesMut, peeked: usize) -> io::Result<Received> {
     let mut stepped = 0;
     let steps = peeked.min(STEP_LIMIT);
     while stepped < steps {
-        let received = match read_into(socket, buf, 1, &mut state.control) {
+        let received = match read_into(socket, buf, 1) {
             // Bytes already taken must reach the caller; EOF or the error recurs next time.
             Err(_) | Ok(Received { len: 0, .. }) if stepped > 0 => {
                 return Ok(Received::bytes(stepped));
@@ -185,7 +184,7 @@ fn step_to_fds(
         return Ok(Received::bytes(stepped));
     }
     // Stepped out: the rest is read at once, and its fds placed on its first byte.
-    let rest = match read_into(socket, buf, peeked - stepped, &mut state.control) {
+    let rest = match read_into(socket, buf, peeked - stepped) {
         Ok(rest) => rest,
         Err(_) if stepped > 0 => return Ok(Received::bytes(stepped)),
         Err(e) => return Err(e),
@@ -199,29 +198,28 @@ fn step_to_fds(
 
 /// Peeks at up to `room` queued bytes: how many there are up to the first fd-carrying
 /// message, and whether one is among them. The peeked fds are copies and closed at once.
-fn peek(
-    socket: BorrowedFd<'_>,
-    buf: &mut BytesMut,
-    room: usize,
-    control: &mut [u8],
-) -> io::Result<Received> {
+fn peek(socket: BorrowedFd<'_>, buf: &mut BytesMut, room: usize) -> io::Result<Received> {
     let start = buf.len();
-    let received = receive(socket, buf, room, control, MsgFlags::MSG_PEEK);
+    let received = receive(socket, buf, room, MsgFlags::MSG_PEEK);
     buf.truncate(start);
     received
 }
 
 /// One `recvmsg` of at most `room` bytes, appended to `buf`.
-fn read_into(
-    socket: BorrowedFd<'_>,
-    buf: &mut BytesMut,
-    room: usize,
-    control: &mut [u8],
-) -> io::Result<Received> {
-    receive(socket, buf, room, control, MsgFlags::empty())
+fn read_into(socket: BorrowedFd<'_>, buf: &mut BytesMut, room: usize) -> io::Result<Received> {
+    receive(socket, buf, room, MsgFlags::empty())
 }
 
 fn receive(
+    socket: BorrowedFd<'_>,
+    buf: &mut BytesMut,
+    room: usize,
+    flags: MsgFlags,
+) -> io::Result<Received> {
+    CONTROL.with_borrow_mut(|control| receive_with(socket, buf, room, control, flags))
+}
+
+fn receive_with(
     socket: BorrowedFd<'_>,
     buf: &mut BytesMut,
     room: usize,
