@@ -21,10 +21,6 @@ use crate::wire::{Frame, Message, ServerCodec};
 /// How long a closing connection may take to flush what it still has to say.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
 
-/// Read-buffer space kept free before each read, and the step it grows by.
-const READ_RESERVE: usize = 4096;
-const READ_GROWTH: usize = 16 * 1024;
-
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum End {
@@ -388,9 +384,6 @@ async fn read_or_watch<T: Transport>(
     if watch_only {
         T::departed(reader).await;
         return Input::Departed;
-    }
-    if input.capacity() - input.len() < READ_RESERVE {
-        input.reserve(READ_GROWTH);
     }
     match T::read_with_fds(reader, input, recv).await {
         // An fd can come with no byte only on a closed stream; dropping it closes it.

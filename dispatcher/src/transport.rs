@@ -48,15 +48,31 @@ pub trait Transport: Send + 'static {
     }
 
     /// Reads more input into `buf`, with the file descriptors that came with it where the
-    /// transport can carry them (Unix sockets, SCM_RIGHTS; see [`crate::fd::recv`]). The
-    /// default reads bytes only: on TCP and other streams no fd can arrive.
+    /// transport can carry them (Unix sockets, SCM_RIGHTS; see [`crate::fd::recv`]), making
+    /// room in `buf` first ([`reserve_for_read`]). The default reads bytes only: on TCP and
+    /// other streams no fd can arrive.
     fn read_with_fds<'a>(
         reader: &'a mut Self::Reader,
         buf: &'a mut BytesMut,
         state: &'a mut RecvState,
     ) -> impl Future<Output = io::Result<Received>> + Send + 'a {
         let _ = state;
-        async move { reader.read_buf(buf).await.map(Received::bytes) }
+        async move {
+            reserve_for_read(buf);
+            reader.read_buf(buf).await.map(Received::bytes)
+        }
+    }
+}
+
+/// Spare room below which a read first grows the input buffer, and by how much.
+const READ_RESERVE: usize = 4096;
+const READ_GROWTH: usize = 16 * 1024;
+
+/// Makes room in `buf` for one read. Unix sockets call it once data is ready, so an idle
+/// connection holds no input buffer at all.
+pub fn reserve_for_read(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_RESERVE {
+        buf.reserve(READ_GROWTH);
     }
 }
 
@@ -129,6 +145,7 @@ impl Transport for UnixStream {
             let stream: &UnixStream = reader.as_ref();
             loop {
                 stream.readable().await?;
+                reserve_for_read(buf);
                 let read = stream.try_io(Interest::READABLE, || {
                     crate::fd::recv::recv_with_fds(stream.as_fd(), buf, state)
                 });
