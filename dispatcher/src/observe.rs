@@ -75,21 +75,58 @@ impl Outcome {
     }
 }
 
+const OUTCOMES: [Outcome; 6] = [
+    Outcome::Ok,
+    Outcome::Error,
+    Outcome::Refused,
+    Outcome::Cancelled,
+    Outcome::TimedOut,
+    Outcome::Abandoned,
+];
+
+/// One registered command's metric handles, registered with the recorder on the command's
+/// first use and kept, so that a command costs no label allocation. A recorder must
+/// therefore be installed before the server runs commands, as the `metrics` crate advises.
+pub(crate) struct CommandMetrics {
+    totals: [metrics::Counter; OUTCOMES.len()],
+    duration: metrics::Histogram,
+}
+
+impl CommandMetrics {
+    pub(crate) fn new(command: &Arc<str>) -> Self {
+        let name = metrics::SharedString::from(Arc::clone(command));
+        let totals = OUTCOMES.map(|outcome| {
+            metrics::counter!(names::COMMANDS_TOTAL, "command" => name.clone(), "outcome" => outcome.as_str())
+        });
+        let duration = metrics::histogram!(names::COMMAND_DURATION, "command" => name);
+        CommandMetrics { totals, duration }
+    }
+}
+
 /// Records one request's end: the counter, the latency (for requests that ran), and the
-/// audit line.
+/// audit line. `metrics` are the command's handles; `None` for a name the registry does not
+/// know, whose series is looked up each time.
 pub(crate) fn command_finished(
     client: &ClientInfo,
     command: &Arc<str>,
+    metrics: Option<&CommandMetrics>,
     started: Option<Instant>,
     outcome: Outcome,
     error: Option<&QmpError>,
 ) {
-    let name = metrics::SharedString::from(Arc::clone(command));
-    metrics::counter!(names::COMMANDS_TOTAL, "command" => name.clone(), "outcome" => outcome.as_str())
-        .increment(1);
-    if let Some(started) = started {
-        metrics::histogram!(names::COMMAND_DURATION, "command" => name)
-            .record(started.elapsed().as_secs_f64());
+    let index = OUTCOMES.iter().position(|&o| o == outcome).unwrap_or(0);
+    match metrics {
+        Some(handles) => {
+            handles.totals[index].increment(1);
+            if let Some(started) = started {
+                handles.duration.record(started.elapsed().as_secs_f64());
+            }
+        }
+        None => {
+            let name = metrics::SharedString::from(Arc::clone(command));
+            metrics::counter!(names::COMMANDS_TOTAL, "command" => name, "outcome" => outcome.as_str())
+                .increment(1);
+        }
     }
     let peer = client.peer();
     tracing::info!(

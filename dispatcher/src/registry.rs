@@ -506,10 +506,18 @@ pub(crate) struct Entry {
     ret_type: TypeDesc,
     /// The schema's features: the declared ones, then `async` and `emits-*`.
     features: Vec<String>,
+    /// Its metric handles, registered on first use.
+    metrics: std::sync::OnceLock<crate::observe::CommandMetrics>,
     emits: Box<[Box<str>]>,
 }
 
 impl Entry {
+    /// The command's metric handles.
+    pub(crate) fn metrics(&self) -> &crate::observe::CommandMetrics {
+        self.metrics
+            .get_or_init(|| crate::observe::CommandMetrics::new(&self.name))
+    }
+
     /// Whether the command declared that it emits `event`.
     pub(crate) fn emits(&self, event: &str) -> bool {
         self.emits.iter().any(|e| &**e == event)
@@ -599,6 +607,11 @@ impl Registry {
 
     pub(crate) fn get(&self, name: &str) -> Option<&Entry> {
         self.by_name.get(name)
+    }
+
+    /// The metric handles of a registered command.
+    pub(crate) fn metrics_of(&self, name: &str) -> Option<&crate::observe::CommandMetrics> {
+        self.get(name).map(Entry::metrics)
     }
 
     /// `query-qmp-schema`'s entries: every command (in registration order) and event (in
@@ -770,6 +783,7 @@ impl<S: Send + Sync + 'static> RegistryBuilder<S> {
             arg_type: command.arg_type,
             ret_type: command.ret_type,
             features,
+            metrics: std::sync::OnceLock::new(),
             emits: command
                 .emits
                 .into_iter()

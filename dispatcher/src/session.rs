@@ -297,6 +297,7 @@ impl Session {
         observe::command_finished(
             &self.info,
             &entry.command,
+            self.shared.registry.metrics_of(&entry.command),
             Some(entry.started),
             observe::Outcome::TimedOut,
             None,
@@ -310,11 +311,12 @@ impl Session {
     pub(crate) fn close(&mut self) {
         let cancelled = self.in_flight.len();
         self.deadlines = None;
-        let info = &self.info;
+        let (info, registry) = (&self.info, &self.shared.registry);
         self.in_flight.cancel_all(|entry| {
             observe::command_finished(
                 info,
                 &entry.command,
+                registry.metrics_of(&entry.command),
                 Some(entry.started),
                 observe::Outcome::Abandoned,
                 None,
@@ -351,6 +353,7 @@ impl Session {
         observe::command_finished(
             &self.info,
             &entry.command,
+            self.shared.registry.metrics_of(&entry.command),
             Some(entry.started),
             outcome,
             error,
@@ -501,7 +504,15 @@ impl Session {
                 match self.builtin(*builtin, arguments) {
                     Ok(value) => {
                         let outcome = observe::Outcome::Ok;
-                        observe::command_finished(&self.info, &command.name, None, outcome, None);
+                        let metrics = Some(command.metrics());
+                        observe::command_finished(
+                            &self.info,
+                            &command.name,
+                            metrics,
+                            None,
+                            outcome,
+                            None,
+                        );
                         self.output.push_back(Message::Return {
                             command: None,
                             id,
@@ -511,7 +522,15 @@ impl Session {
                     Err(error) => {
                         let outcome = observe::Outcome::Error;
                         let info = &self.info;
-                        observe::command_finished(info, &command.name, None, outcome, Some(&error));
+                        let metrics = Some(command.metrics());
+                        observe::command_finished(
+                            info,
+                            &command.name,
+                            metrics,
+                            None,
+                            outcome,
+                            Some(&error),
+                        );
                         self.push_error(id, error)
                     }
                 }
@@ -570,7 +589,15 @@ impl Session {
     /// Answers a request refused before it ran, and records it.
     fn refuse(&mut self, id: Option<Id>, name: &str, error: QmpError) -> Option<Ticket> {
         let outcome = observe::Outcome::Refused;
-        observe::command_finished(&self.info, &Arc::from(name), None, outcome, Some(&error));
+        let metrics = self.shared.registry.metrics_of(name);
+        observe::command_finished(
+            &self.info,
+            &Arc::from(name),
+            metrics,
+            None,
+            outcome,
+            Some(&error),
+        );
         self.push_error(id, error);
         None
     }
@@ -773,6 +800,7 @@ impl Session {
         observe::command_finished(
             &self.info,
             &entry.command,
+            self.shared.registry.metrics_of(&entry.command),
             Some(entry.started),
             observe::Outcome::Cancelled,
             None,
