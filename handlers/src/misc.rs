@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use qmp_dispatcher::{Command, Context, JobDriver, JobHandle, JobOptions, NoArgs, QmpError};
+use qmp_dispatcher::{
+    Command, Context, JobDriver, JobHandle, JobOptions, NoArgs, QmpError, QmpReturn,
+};
 use serde::{Deserialize, Serialize};
 
 /// A yank instance, QEMU's `YankInstance` flat union (tagged by `type`).
@@ -65,6 +67,11 @@ const PRIVATE_PROGRESS_STEPS: u64 = 10;
 /// benchmarks and trying jobs out.
 pub fn x_delay<S: Send + Sync + 'static>() -> Command<S> {
     Command::deferred("x-delay", |args: DelayArgs, cx: Context<S>, ret| {
+        if args.job_id.is_none() {
+            // The degenerate private job: nothing can pause, ready or finalize it, so it
+            // needs no job record, only its request's core (for the progress) and its reply.
+            return ret.spawn(move |ret| delay_privately(args.ms, args.fail, ret));
+        }
         let options = JobOptions::new("x-delay")
             .id(args.job_id)
             .auto_finalize(args.auto_finalize.unwrap_or(true))
@@ -80,7 +87,28 @@ pub fn x_delay<S: Send + Sync + 'static>() -> Command<S> {
     .emits("JOB_STATUS_CHANGE")
 }
 
-/// The work of `x-delay`.
+/// `x-delay` without `job-id`: sleeps in tenths of `ms`, reporting progress, and replies.
+async fn delay_privately(ms: u64, fail: Option<String>, ret: QmpReturn) {
+    ret.set_progress(0, ms);
+    let step_ms = PROGRESS_STEP_MS.max(ms / PRIVATE_PROGRESS_STEPS);
+    let mut done = 0;
+    while done < ms {
+        let step = (ms - done).min(step_ms);
+        tokio::select! {
+            biased;
+            () = ret.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(step)) => {}
+        }
+        done += step;
+        ret.set_progress(done, ms);
+    }
+    match fail {
+        Some(error) => ret.err(QmpError::generic(error)),
+        None => ret.reply(Ok(())),
+    }
+}
+
+/// The work of `x-delay` as a job.
 struct DelayJob {
     ms: u64,
     ready: bool,
@@ -90,14 +118,10 @@ struct DelayJob {
 impl JobDriver for DelayJob {
     async fn run(&mut self, job: &JobHandle) -> Result<(), QmpError> {
         job.set_total_progress(self.ms);
-        let step_ms = match job.id() {
-            Some(_) => PROGRESS_STEP_MS,
-            None => PROGRESS_STEP_MS.max(self.ms / PRIVATE_PROGRESS_STEPS),
-        };
         let mut done = 0;
         while done < self.ms {
             job.pause_point().await;
-            let step = (self.ms - done).min(step_ms);
+            let step = (self.ms - done).min(PROGRESS_STEP_MS);
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(step)) => {}
                 // The job aborts with `Operation canceled` whatever is returned.
