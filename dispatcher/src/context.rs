@@ -236,11 +236,6 @@ impl RequestContext {
     ) -> Result<(), QmpError> {
         self.shared.jobs.start(options, driver)
     }
-
-    #[allow(dead_code)] // For the fd built-ins that reach the server through here.
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
-    }
 }
 
 impl crate::events::Emit for RequestContext {
