@@ -241,6 +241,14 @@ pub fn rss() -> u64 {
     kib << 10
 }
 
+/// This process's user and group ids, as the owner of `/proc/self` (what a Unix-socket
+/// peer's credentials report), without a libc binding.
+pub fn own_ids() -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata("/proc/self").expect("/proc/self");
+    (meta.uid(), meta.gid())
+}
+
 /// A server on a Unix socket in a scratch directory.
 pub struct TestServer {
     /// The server, for stats, events and shutdown.
@@ -312,10 +320,7 @@ impl TestServer {
 
     /// Connects, reads the greeting and negotiates `caps`.
     pub async fn negotiated(&self, caps: &[&str]) -> Client {
-        let mut client = self.connect().await;
-        client.greeting().await;
-        client.negotiate(caps).await;
-        client
+        Client::negotiated(&self.socket, caps).await
     }
 
     /// Waits until the server's totals satisfy `done` (or fails after [`TIMEOUT`]).
@@ -350,6 +355,14 @@ impl Client {
             reader: BufReader::new(reader),
             writer,
         }
+    }
+
+    /// Connects to `path`, reads the greeting and negotiates `caps`.
+    pub async fn negotiated(path: &Path, caps: &[&str]) -> Self {
+        let mut client = Self::connect(path).await;
+        client.greeting().await;
+        client.negotiate(caps).await;
+        client
     }
 
     /// Sends raw bytes.

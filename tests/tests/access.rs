@@ -43,13 +43,6 @@ fn start(policy: Policy, configure: impl FnOnce(ServerBuilder) -> ServerBuilder)
     }
 }
 
-async fn negotiated(path: &std::path::Path, caps: &[&str]) -> Client {
-    let mut client = Client::connect(path).await;
-    client.greeting().await;
-    client.negotiate(caps).await;
-    client
-}
-
 async fn call(client: &mut Client, command: &str, arguments: Value, id: u64) -> Value {
     client.execute(command, arguments, json!(id)).await;
     client.recv_reply().await
@@ -69,7 +62,7 @@ fn names(reply: &Value) -> Vec<String> {
 #[tokio::test]
 async fn a_read_only_listener_offers_queries_only() {
     let servers = start(Policy::read_only(), |b| b);
-    let mut limited = negotiated(&servers.limited, &["async"]).await;
+    let mut limited = Client::negotiated(&servers.limited, &["async"]).await;
     let commands = names(&call(&mut limited, "query-commands", json!({}), 1).await);
     assert_eq!(
         commands,
@@ -100,7 +93,7 @@ async fn a_read_only_listener_offers_queries_only() {
     assert_eq!(reply, error_reply(Some(json!(3)), "CommandNotFound", text));
 
     // The full listener of the same server still has everything.
-    let mut full = negotiated(&servers.full, &[]).await;
+    let mut full = Client::negotiated(&servers.full, &[]).await;
     let all = names(&call(&mut full, "query-commands", json!({}), 1).await);
     assert!(all.contains(&"echo".to_string()) && all.len() > commands.len());
     let reply = call(&mut full, "echo", json!({"a": 1}), 2).await;
@@ -113,8 +106,8 @@ async fn events_are_filtered_per_listener() {
         .events(|name| name != "STOP")
         .named("no-stop");
     let servers = start(policy, |b| b);
-    let mut full = negotiated(&servers.full, &[]).await;
-    let mut limited = negotiated(&servers.limited, &[]).await;
+    let mut full = Client::negotiated(&servers.full, &[]).await;
+    let mut limited = Client::negotiated(&servers.limited, &[]).await;
     servers.server.events().emit("STOP", None);
     servers.server.events().emit("RESUME", None);
     assert_eq!(full.recv().await["event"], "STOP");
@@ -155,7 +148,7 @@ async fn the_policy_can_be_chosen_from_peer_credentials() {
         })
         .await
     });
-    let mut client = negotiated(&path, &[]).await;
+    let mut client = Client::negotiated(&path, &[]).await;
     let reply = call(&mut client, "echo", json!({}), 1).await;
     assert_eq!(reply["error"]["class"], "CommandNotFound");
     let creds = seen.lock().unwrap()[0].expect("a Unix peer has credentials");
@@ -167,7 +160,7 @@ async fn a_deadline_unblocks_a_legacy_client_and_cancels_the_handler() {
     let servers = start(Policy::full(), |b| {
         b.command_timeout("x-delay", Duration::from_millis(100))
     });
-    let mut client = negotiated(&servers.full, &[]).await;
+    let mut client = Client::negotiated(&servers.full, &[]).await;
     let started = Instant::now();
     client
         .execute("x-delay", json!({"ms": 60_000}), json!(1))
@@ -203,7 +196,7 @@ async fn a_default_deadline_applies_to_async_clients_and_spares_the_rest() {
         b.default_command_timeout(Duration::from_millis(50))
             .command_timeout("hold", Duration::from_secs(3600))
     });
-    let mut client = negotiated(&servers.full, &["async"]).await;
+    let mut client = Client::negotiated(&servers.full, &["async"]).await;
     client
         .execute("x-delay", json!({"ms": 60_000}), json!("a"))
         .await;
@@ -235,7 +228,7 @@ async fn over_its_rate_a_client_is_slowed_not_refused() {
         per: Duration::from_millis(200),
     };
     let servers = start(Policy::full(), |b| b.rate_limit(limit));
-    let mut client = negotiated(&servers.full, &["async"]).await;
+    let mut client = Client::negotiated(&servers.full, &["async"]).await;
     let started = Instant::now();
     for id in 0..15 {
         client.execute("echo", json!({"n": id}), json!(id)).await;
@@ -284,11 +277,11 @@ async fn every_command_is_audited_without_its_arguments() {
     let servers = start(Policy::read_only().named("ro"), |b| {
         b.command_timeout("x-delay", Duration::from_millis(20))
     });
-    let mut full = negotiated(&servers.full, &[]).await;
+    let mut full = Client::negotiated(&servers.full, &[]).await;
     call(&mut full, "echo", json!({"password": "hunter2"}), 1).await;
     call(&mut full, "fail", json!({}), 2).await;
     call(&mut full, "x-delay", json!({"ms": 10_000}), 3).await;
-    let mut limited = negotiated(&servers.limited, &[]).await;
+    let mut limited = Client::negotiated(&servers.limited, &[]).await;
     call(&mut limited, "echo", json!({}), 4).await;
     drop((full, limited));
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -312,8 +305,8 @@ async fn every_command_is_audited_without_its_arguments() {
         find("echo", "refused") && log.contains("policy=\"ro\""),
         "{log}"
     );
-    let uid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m));
-    assert!(log.contains(&format!("uid={}", uid.unwrap())), "{log}");
+    let (uid, _) = qmp_tests::own_ids();
+    assert!(log.contains(&format!("uid={uid}")), "{log}");
     assert!(
         !log.contains("hunter2"),
         "arguments never reach the audit trail: {log}"

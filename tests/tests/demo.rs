@@ -318,12 +318,8 @@ fn assert_shutdown(msg: &Value, reason: &str) {
 #[tokio::test]
 async fn quit_sends_shutdown_then_replies_then_exits_cleanly() {
     let mut demo = Demo::start(&[]).await;
-    let mut client = Client::connect(&demo.qmp).await;
-    client.greeting().await;
-    client.negotiate(&[]).await;
-    let mut watcher = Client::connect(&demo.qmp).await;
-    watcher.greeting().await;
-    watcher.negotiate(&[]).await;
+    let mut client = Client::negotiated(&demo.qmp, &[]).await;
+    let mut watcher = Client::negotiated(&demo.qmp, &[]).await;
     client.execute("quit", json!({}), json!("bye")).await;
     // As qemu-system-x86_64 10.0.2 does (conformance transcripts 08-quit.jsonl and
     // 09-quit-repeat.jsonl): the event first, then the reply, then EOF; a client that only
@@ -353,9 +349,7 @@ async fn signals_send_shutdown_exit_cleanly_and_remove_sockets() {
     for signal in ["TERM", "INT", "HUP"] {
         let mut demo = Demo::spawn(true, &["--qmp", "tcp:127.0.0.1:0"]).await;
         // A negotiated client is connected: shutting down must not wait for it to leave.
-        let mut client = Client::connect(&demo.qmp).await;
-        client.greeting().await;
-        client.negotiate(&["oob"]).await;
+        let mut client = Client::negotiated(&demo.qmp, &["oob"]).await;
         // Still negotiating: QEMU sends it no events, only EOF.
         let mut greeted = Client::connect(&demo.qmp).await;
         greeted.greeting().await;
@@ -379,9 +373,7 @@ async fn signals_send_shutdown_exit_cleanly_and_remove_sockets() {
 #[tokio::test]
 async fn screendump_filename_of_the_wrong_type_gets_qemus_text() {
     let demo = Demo::start(&[]).await;
-    let mut client = Client::connect(&demo.qmp).await;
-    client.greeting().await;
-    client.negotiate(&[]).await;
+    let mut client = Client::negotiated(&demo.qmp, &[]).await;
     client
         .execute("screendump", json!({"filename": 42}), json!(1))
         .await;
@@ -415,17 +407,13 @@ async fn readonly_listener_timeouts_and_metrics_from_the_command_line() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
-    let mut full = Client::connect(&demo.qmp).await;
-    full.greeting().await;
-    full.negotiate(&[]).await;
+    let mut full = Client::negotiated(&demo.qmp, &[]).await;
     full.execute("x-delay", json!({"ms": 1000}), json!(1)).await;
     let reply = full.recv_reply().await;
     let text = "Command x-delay timed out after 100 ms";
     assert_eq!(reply, error_reply(Some(json!(1)), "GenericError", text));
 
-    let mut ro = Client::connect(&read_only).await;
-    ro.greeting().await;
-    ro.negotiate(&[]).await;
+    let mut ro = Client::negotiated(&read_only, &[]).await;
     ro.execute("query-commands", json!({}), json!(2)).await;
     let reply = ro.recv_reply().await;
     let names: Vec<&str> = reply["return"]

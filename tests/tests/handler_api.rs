@@ -143,7 +143,8 @@ async fn handlers_share_the_registry_state_and_stateful_commands_keep_theirs() {
 #[tokio::test]
 async fn the_request_context_knows_the_client() {
     let server = start();
-    let me = (my_uid(), my_gid(), std::process::id() as i64);
+    let (uid, gid) = qmp_tests::own_ids();
+    let me = (uid, gid, std::process::id() as i64);
     let mut plain = server.negotiated(&[]).await;
     let reply = call(&mut plain, "whoami", json!({}), 1).await;
     assert_eq!(
@@ -154,15 +155,6 @@ async fn the_request_context_knows_the_client() {
     let reply = call(&mut both, "whoami", json!({}), 1).await;
     assert_eq!(reply["return"]["oob"], json!(true));
     assert_eq!(reply["return"]["async"], json!(true));
-}
-
-/// The process's ids, as the owner of `/proc/self` (no libc binding needed).
-fn my_uid() -> u32 {
-    std::fs::metadata("/proc/self").map_or(0, |m| std::os::unix::fs::MetadataExt::uid(&m))
-}
-
-fn my_gid() -> u32 {
-    std::fs::metadata("/proc/self").map_or(0, |m| std::os::unix::fs::MetadataExt::gid(&m))
 }
 
 #[tokio::test]
