@@ -114,7 +114,8 @@ impl Policy {
 
     /// Whether clients under this policy may run `command`.
     pub fn allows_command(&self, command: &str) -> bool {
-        ALWAYS_OFFERED.contains(&command) || self.inner.commands.allows(command)
+        // The rule first: under the full policy it answers without comparing names.
+        self.inner.commands.allows(command) || ALWAYS_OFFERED.contains(&command)
     }
 
     /// Whether clients under this policy receive `event`.
