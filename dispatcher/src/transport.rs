@@ -146,11 +146,23 @@ impl Transport for UnixStream {
             loop {
                 stream.readable().await?;
                 reserve_for_read(buf);
+                // A read that drained the socket is handed to tokio as `WouldBlock`, so that it
+                // clears the readiness it saw before the read (an edge since then survives):
+                // the next read waits for data instead of costing a `recvmsg` that finds none.
+                let mut drained = None;
                 let read = stream.try_io(Interest::READABLE, || {
-                    crate::fd::recv::recv_with_fds(stream.as_fd(), buf, state)
+                    let received = crate::fd::recv::recv_with_fds(stream.as_fd(), buf, state)?;
+                    if !received.drained {
+                        return Ok(received);
+                    }
+                    drained = Some(received);
+                    Err(io::ErrorKind::WouldBlock.into())
                 });
                 match read {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => match drained {
+                        Some(received) => return Ok(received),
+                        None => continue,
+                    },
                     read => return read,
                 }
             }

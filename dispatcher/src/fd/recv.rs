@@ -98,6 +98,9 @@ pub struct Received {
     /// The kernel could not hand every fd over (`MSG_CTRUNC`: this process is out of fds);
     /// those it could are in `fds`, it closed the rest. The caller refuses the arrival.
     pub truncated: bool,
+    /// The read took less than it offered: the socket's queue is empty now, so the caller
+    /// may wait for the next readiness edge instead of reading again to hear `WouldBlock`.
+    pub drained: bool,
 }
 
 impl Received {
@@ -137,10 +140,13 @@ fn read_offering(
     state: &mut RecvState,
 ) -> io::Result<Received> {
     if !state.exact {
-        let received = read_into(socket, buf, room)?;
+        let mut received = read_into(socket, buf, room)?;
         if received.has_fds() {
             state.exact = true;
         }
+        // Linux ends a read after the message that brings fds, queued data or not; without
+        // fds a read ends short only on an empty queue.
+        received.drained = received.len > 0 && received.len < room && !received.has_fds();
         return Ok(received);
     }
     let peeked = peek(socket, buf, room)?;
@@ -149,8 +155,12 @@ fn read_offering(
     }
     if !peeked.has_fds() {
         // Nothing queued up to `peeked.len` carries fds; reading that much reads no more.
-        return read_into(socket, buf, peeked.len);
+        // The peek ended short without reaching any fds: the queue held no more.
+        let mut received = read_into(socket, buf, peeked.len)?;
+        received.drained = received.len == peeked.len && peeked.len < room;
+        return Ok(received);
     }
+    // Bytes may be left behind the fds' byte: never drained.
     step_to_fds(socket, buf, peeked.len)
 }
 
@@ -264,9 +274,9 @@ fn receive_with(
     }
     Ok(Received {
         len,
-        fds_at: 0,
         fds,
         truncated,
+        ..Received::default()
     })
 }
 
@@ -384,6 +394,34 @@ mod tests {
         let (bytes, arrivals) = drain(&server, &mut state);
         assert_eq!(bytes, b"{\"execute\": \"getfd\"} {\"x\": 1}tail");
         assert_eq!(arrivals, [(20, 1), (21, 2)]);
+    }
+
+    /// `drained` lets the caller skip the read that would find the queue empty, so it must
+    /// never be set while data is still queued: that data would wait for an edge that has
+    /// already passed.
+    #[test]
+    fn only_a_read_that_emptied_the_queue_says_so() {
+        let (client, server) = pair();
+        let (_r, w) = pipe();
+        let mut state = RecvState::default();
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut read =
+            |state: &mut RecvState| recv_with_fds(server.as_fd(), &mut buf, state).unwrap();
+        send(&client, b"plain", &[]);
+        let plain = read(&mut state);
+        assert!(plain.len == 5 && plain.drained);
+        // Linux ends a read after a message with fds, whatever follows it.
+        send(&client, b"ab", &[w.as_fd()]);
+        send(&client, b"cd", &[]);
+        let with_fds = read(&mut state);
+        assert!(with_fds.has_fds() && with_fds.len == 2 && !with_fds.drained);
+        // Exact reads: up to the byte that brings the next fds, then what is left.
+        send(&client, b"ef", &[w.as_fd()]);
+        let stepped = read(&mut state);
+        assert!(stepped.has_fds() && stepped.len == 3 && !stepped.drained);
+        let last = read(&mut state);
+        assert!(last.len == 1 && last.drained, "{last:?}");
+        assert_eq!(&buf[..], b"plainabcdef");
     }
 
     #[test]
