@@ -4,7 +4,8 @@
 //! Run with `cargo bench -p qmp-benches --bench codec`.
 //!
 //! - `many_small`: 1,000 small requests in one buffer, split and decoded in one pass: the
-//!   common case of a busy pipelining client.
+//!   common case of a busy pipelining client; `many_small/split_requests` decodes them as
+//!   the server's codec does, split into their members without building each object.
 //! - `one_big`: one ~1 MiB request (an argument array of 10,000 objects).
 //! - `byte_split`: 100 small requests fed one byte at a time, the worst split a socket can
 //!   produce; the decoder keeps its state between calls, so this should stay linear.
@@ -54,7 +55,10 @@ fn big_request(items: usize) -> Vec<u8> {
 
 /// Feeds `input` to a fresh decoder in `chunk`-byte pieces; returns the number of values.
 fn decode_chunked(input: &[u8], chunk: usize) -> usize {
-    let mut decoder = JsonDecoder::new(Limits::default());
+    decode_with(JsonDecoder::new(Limits::default()), input, chunk)
+}
+
+fn decode_with(mut decoder: JsonDecoder, input: &[u8], chunk: usize) -> usize {
     let mut buf = BytesMut::with_capacity(input.len().min(64 * 1024));
     let mut values = 0;
     for piece in input.chunks(chunk) {
@@ -63,6 +67,10 @@ fn decode_chunked(input: &[u8], chunk: usize) -> usize {
             match frame {
                 Frame::Value(value) => {
                     black_box(value);
+                    values += 1;
+                }
+                Frame::Request(request) => {
+                    black_box(request);
                     values += 1;
                 }
                 Frame::Error(error) => panic!("benchmark input rejected: {error}"),
@@ -79,6 +87,12 @@ fn codec(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(small.len() as u64));
     group.bench_function("many_small/JsonDecoder", |b| {
         b.iter(|| assert_eq!(decode_chunked(black_box(&small), small.len()), 1000));
+    });
+    group.bench_function("many_small/split_requests", |b| {
+        b.iter(|| {
+            let decoder = JsonDecoder::new(Limits::default()).split_requests();
+            assert_eq!(decode_with(decoder, black_box(&small), small.len()), 1000)
+        });
     });
     group.bench_function("many_small/serde_json_lines", |b| {
         b.iter(|| {

@@ -220,6 +220,13 @@ impl Session {
                     Err(rejected) => (Input::Reject(rejected), out_of_band),
                 }
             }
+            Frame::Request(envelope) => {
+                let out_of_band = envelope.exec_oob;
+                match request::from_envelope(envelope, self.oob) {
+                    Ok(request) => (Input::Request(request), out_of_band),
+                    Err(rejected) => (Input::Reject(rejected), out_of_band),
+                }
+            }
         };
         if self.async_mode {
             self.admit(input, end);

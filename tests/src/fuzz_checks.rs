@@ -83,6 +83,8 @@ impl From<Frame> for DecodedFrame {
             Frame::Value(parsed) => {
                 DecodedFrame::Value(parsed.value, parsed.id.map(|id| id.get().to_owned()))
             }
+            // A split request compares as the value it would have been.
+            Frame::Request(request) => DecodedFrame::from(Frame::Value(request.into_parsed())),
             Frame::Error(desc) => DecodedFrame::Error(desc),
         }
     }
@@ -92,7 +94,19 @@ impl From<Frame> for DecodedFrame {
 /// next chunk; at the end decode with EOF until nothing is left), checking after every call
 /// that the decoder holds no more than one value's worth of input.
 pub fn decode_chunks(limits: Limits, chunks: &[&[u8]]) -> Vec<DecodedFrame> {
-    let mut decoder = JsonDecoder::new(limits);
+    decode_chunks_with(JsonDecoder::new(limits), limits, chunks)
+}
+
+/// [`decode_chunks`] with a decoder that splits request objects, as the server's does.
+pub fn decode_requests(limits: Limits, chunks: &[&[u8]]) -> Vec<DecodedFrame> {
+    decode_chunks_with(JsonDecoder::new(limits).split_requests(), limits, chunks)
+}
+
+fn decode_chunks_with(
+    mut decoder: JsonDecoder,
+    limits: Limits,
+    chunks: &[&[u8]],
+) -> Vec<DecodedFrame> {
     let mut buf = BytesMut::new();
     let mut frames = Vec::new();
     for chunk in chunks {
@@ -130,6 +144,11 @@ pub fn check_decoder(data: &[u8]) {
             whole,
             decode_chunks(limits, &bytewise),
             "frames differ when fed byte by byte"
+        );
+        assert_eq!(
+            whole,
+            decode_requests(limits, &[stream]),
+            "frames differ when request objects are split"
         );
     }
 }

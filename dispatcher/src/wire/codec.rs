@@ -54,7 +54,7 @@ impl QmpCodec {
     /// A codec with these input limits and output line ending.
     pub fn new(limits: Limits, line_ending: LineEnding) -> Self {
         QmpCodec {
-            decoder: JsonDecoder::new(limits),
+            decoder: JsonDecoder::new(limits).split_requests(),
             line_ending,
         }
     }
@@ -156,9 +156,10 @@ mod tests {
     fn decodes_frames_and_flushes_a_number_at_eof() {
         let mut codec = QmpCodec::new(Limits::default(), LineEnding::CrLf);
         let mut input = BytesMut::from(&b"{\"execute\": \"x\"} 42"[..]);
+        // The codec splits request objects.
         assert!(matches!(
             codec.decode(&mut input).unwrap(),
-            Some(Frame::Value(_))
+            Some(Frame::Request(request)) if request.command == "x"
         ));
         assert!(codec.decode(&mut input).unwrap().is_none());
         let Some(Frame::Value(number)) = codec.decode_eof(&mut input).unwrap() else {

@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use super::json::{Id, ParsedValue};
+use super::json::{Envelope, Id, ParsedValue};
 use super::qdict;
 use crate::error::QmpError;
 
@@ -36,6 +36,24 @@ pub fn is_oob_keyed(value: &Value) -> bool {
     value
         .as_object()
         .is_some_and(|map| map.contains_key("exec-oob") && !map.contains_key("execute"))
+}
+
+/// The request a split request object is. Its members were checked as it was split; only
+/// `exec-oob` depends on the client: without the `oob` capability it is an unexpected
+/// member (the only problem such an object can have, so QEMU's order is kept).
+pub fn from_envelope(envelope: Envelope, oob_enabled: bool) -> Result<Request, RequestError> {
+    if envelope.exec_oob && !oob_enabled {
+        return Err(RequestError {
+            id: envelope.id,
+            error: QmpError::generic("QMP input member 'exec-oob' is unexpected"),
+        });
+    }
+    Ok(Request {
+        command: envelope.command,
+        oob: envelope.exec_oob,
+        arguments: envelope.arguments.unwrap_or_default(),
+        id: envelope.id,
+    })
 }
 
 /// Validates the envelope of one decoded value. `oob_enabled` is whether this client

@@ -9,7 +9,7 @@ use super::scanner::{
     self, Lexed, RECOVERY, START, T_LCURLY, T_LSQUARE, T_RCURLY, T_RSQUARE, T_SKIP, Token, WS,
 };
 use super::utf8::lossy;
-use super::{Frame, Limits, SIZE_LIMIT, fast};
+use super::{Frame, Limits, SIZE_LIMIT, envelope, fast};
 
 /// Cuts a byte stream into JSON values exactly where QEMU's JSON streamer would, with
 /// QEMU's lexical rules, error texts and limits.
@@ -35,6 +35,8 @@ pub struct JsonDecoder {
     discarding: bool,
     /// Scratch stack for the grammar, kept to reuse its allocation.
     stack: Vec<grammar::Open>,
+    /// Request objects come as [`Frame::Request`].
+    split_requests: bool,
 }
 
 impl Default for JsonDecoder {
@@ -61,7 +63,18 @@ impl JsonDecoder {
             brackets: 0,
             discarding: false,
             stack: Vec::new(),
+            split_requests: false,
         }
+    }
+
+    /// This decoder hands request objects over as [`Frame::Request`] wherever it can,
+    /// split into their members without building the object (see [`Envelope`]); every
+    /// other input still comes as [`Frame::Value`] or [`Frame::Error`].
+    ///
+    /// [`Envelope`]: super::Envelope
+    pub fn split_requests(mut self) -> Self {
+        self.split_requests = true;
+        self
     }
 
     /// Takes the next frame from `buf`, consuming exactly its bytes (the lookahead byte that
@@ -71,6 +84,13 @@ impl JsonDecoder {
     pub fn decode(&mut self, buf: &mut BytesMut) -> Option<Frame> {
         if self.pos == 0 && self.is_idle() && self.state != RECOVERY {
             // Nothing of a value is pending: try the whole value in one pass.
+            if self.split_requests {
+                if let Some((request, end)) = envelope::decode(buf, &self.limits, &mut self.stack) {
+                    self.state = START;
+                    self.consume(buf, end);
+                    return Some(Frame::Request(request));
+                }
+            }
             if let Some((value, end)) = fast::decode(buf, &self.limits, &mut self.stack) {
                 self.state = START;
                 self.consume(buf, end);
@@ -148,7 +168,9 @@ impl JsonDecoder {
             _ => None,
         };
         buf.clear();
+        let split_requests = self.split_requests;
         *self = JsonDecoder::new(self.limits);
+        self.split_requests = split_requests;
         frame
     }
 

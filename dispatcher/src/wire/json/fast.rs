@@ -15,7 +15,7 @@ use super::{Limits, ParsedValue};
 
 /// Tokens lexed on demand from a whole buffer; the end of the tokens at the first sign
 /// that the streaming path is needed.
-struct Live<'a> {
+pub(super) struct Live<'a> {
     src: &'a [u8],
     limits: &'a Limits,
     pos: usize,
@@ -62,29 +62,44 @@ pub(super) fn decode(
     limits: &Limits,
     stack: &mut Vec<Open>,
 ) -> Option<(ParsedValue, usize)> {
-    let start = match lex(START, buf, 0, buf.len()) {
-        Lexed::Token { kind: T_SKIP, end } => end,
-        _ => 0,
-    };
-    if !matches!(buf.get(start), Some(b'{' | b'[')) {
-        return None;
-    }
-    // A value must end before `max_bytes` of text; a longer one is left to the streaming
-    // path (which reports it) without lexing further here.
-    let cap = start
-        .saturating_add(limits.max_bytes.saturating_sub(1))
-        .min(buf.len());
-    let mut live = Live {
-        src: &buf[start..cap],
-        limits,
-        pos: 0,
-        tokens: 0,
-        depth: 0,
-    };
+    let (start, mut live) = Live::at_container(buf, limits)?;
     let parsed = grammar::parse(&mut live, stack).ok()?;
-    // The count before the last token, as the streaming path checks it.
-    if limits.exceeded(live.pos, live.tokens - 1, 0).is_some() {
-        return None;
+    let end = live.finish()?;
+    Some((parsed, start + end))
+}
+
+impl<'a> Live<'a> {
+    /// Tokens of the object or array that starts `buf` after any whitespace, and where it
+    /// starts; `None` when something else does.
+    pub(super) fn at_container(buf: &'a [u8], limits: &'a Limits) -> Option<(usize, Self)> {
+        let start = match lex(START, buf, 0, buf.len()) {
+            Lexed::Token { kind: T_SKIP, end } => end,
+            _ => 0,
+        };
+        if !matches!(buf.get(start), Some(b'{' | b'[')) {
+            return None;
+        }
+        // A value must end before `max_bytes` of text; a longer one is left to the
+        // streaming path (which reports it) without lexing further here.
+        let cap = start
+            .saturating_add(limits.max_bytes.saturating_sub(1))
+            .min(buf.len());
+        let live = Live {
+            src: &buf[start..cap],
+            limits,
+            pos: 0,
+            tokens: 0,
+            depth: 0,
+        };
+        Some((start, live))
     }
-    Some((parsed, start + live.pos))
+
+    /// After the value's last token: where it ends, unless it has more tokens than the
+    /// limit allows (counted before the last token, as the streaming path checks it).
+    pub(super) fn finish(&self) -> Option<usize> {
+        if self.limits.exceeded(self.pos, self.tokens - 1, 0).is_some() {
+            return None;
+        }
+        Some(self.pos)
+    }
 }

@@ -121,12 +121,29 @@ pub(super) fn parse<'a>(
     stack: &mut Vec<Open>,
 ) -> Result<ParsedValue, String> {
     stack.clear();
-    let result = run(tokens, stack);
+    let result = run(tokens, stack, true);
     stack.clear();
     result
 }
 
-fn run<'a>(tokens: &mut impl Source<'a>, stack: &mut Vec<Open>) -> Result<ParsedValue, String> {
+/// Parses one value nested in a larger one (a member's value): its own `id` members are
+/// ordinary members, since only a top-level `id` is a request's.
+pub(super) fn parse_nested<'a>(
+    tokens: &mut impl Source<'a>,
+    stack: &mut Vec<Open>,
+) -> Result<Value, String> {
+    stack.clear();
+    let result = run(tokens, stack, false);
+    stack.clear();
+    result.map(|parsed| parsed.value)
+}
+
+/// `top_level`: the value is a whole frame, so an object's `id` member is the request's id.
+fn run<'a>(
+    tokens: &mut impl Source<'a>,
+    stack: &mut Vec<Open>,
+    top_level: bool,
+) -> Result<ParsedValue, String> {
     // The top-level `id`: being built while its value is parsed, then done.
     let mut building: Option<IdBuilder> = None;
     let mut id = None;
@@ -141,7 +158,7 @@ fn run<'a>(tokens: &mut impl Source<'a>, stack: &mut Vec<Open>) -> Result<Parsed
                     T_END => return Err(PREMATURE.into()),
                     _ => return Err("JSON parse error, missing : in object pair".into()),
                 }
-                if depth == 1 && k == "id" {
+                if top_level && depth == 1 && k == "id" {
                     building = Some(IdBuilder::new());
                 } else if let Some(b) = &mut building {
                     b.key(&k);
@@ -204,7 +221,7 @@ fn run<'a>(tokens: &mut impl Source<'a>, stack: &mut Vec<Open>) -> Result<Parsed
                     // Strings in key position were taken as keys above.
                     None => return Err("JSON parse error, key is not a string in object".into()),
                     Some(k) => {
-                        if depth == 1 && k == "id" {
+                        if top_level && depth == 1 && k == "id" {
                             id = building.take().and_then(IdBuilder::finish);
                         }
                         match map.entry(k) {

@@ -43,6 +43,26 @@ impl Id {
     pub fn into_text(self) -> Box<RawValue> {
         self.text
     }
+
+    /// The id a single token is, when its spelling is its canonical key: a plain string
+    /// (printable ASCII without escapes, in double quotes) or an integer that fits an i64
+    /// other than `-0`. `None` for any other token, which the grammar's writer handles.
+    pub(super) fn spelled_canonically(kind: u8, token: &[u8]) -> Option<Id> {
+        use super::scanner::{T_INT, T_PLAIN_STR};
+        // Eighteen digits always fit an i64; the lexer allows no leading zeros.
+        let canonical = match kind {
+            T_PLAIN_STR => true,
+            T_INT => token.len() <= 18 && token != b"-0",
+            _ => false,
+        };
+        if !canonical {
+            return None;
+        }
+        // Plain strings and integer tokens are ASCII.
+        let text = String::from_utf8(token.to_vec()).ok()?;
+        let text = RawValue::from_string(text).ok()?;
+        Some(Id { text, key: None })
+    }
 }
 
 impl Deref for Id {

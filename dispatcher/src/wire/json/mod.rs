@@ -24,6 +24,10 @@
 //!    behaviour is the streaming decoder's in every case (the
 //!    `whole_buffer_matches_byte_at_a_time` test checks this by feeding the same inputs
 //!    whole and byte by byte).
+//!    `envelope` is the same path specialised for request objects: it splits them into
+//!    their members without building the object, when the decoder is asked to
+//!    ([`JsonDecoder::split_requests`]), and gives up into the other paths just as `fast`
+//!    gives up into the streaming one.
 //! 1. `decoder`: QEMU's streamer (bracket counting, limits, recovery) over the scanner,
 //!    keeping the lexer state across calls so a stream fed in any split is scanned once
 //!    (O(n)). It records the boundaries of the pending value's tokens and hands them to the
@@ -72,6 +76,7 @@
 //! * Ids are echoed as their own text, not re-serialized the way QEMU writes them.
 
 mod decoder;
+mod envelope;
 mod fast;
 mod grammar;
 mod id;
@@ -83,6 +88,7 @@ mod utf8;
 mod tests;
 
 pub use decoder::JsonDecoder;
+pub use envelope::Envelope;
 pub use id::{Id, canonical_key};
 
 use serde_json::Value;
@@ -133,6 +139,10 @@ impl Limits {
 pub enum Frame {
     /// A complete, well-formed JSON value.
     Value(ParsedValue),
+    /// A complete request object, split into its members (only from a decoder that
+    /// [splits requests](JsonDecoder::split_requests)). The same input may as well come as
+    /// a `Value`: [`Envelope::into_parsed`] gives the value it would have been.
+    Request(Envelope),
     /// A lexical, syntax or limit error. The string is QEMU's `GenericError` desc; the
     /// reply carries no id.
     Error(String),

@@ -10,6 +10,7 @@ use super::{Frame, Id, JsonDecoder, Limits, canonical_key};
 fn show(f: Frame) -> String {
     match f {
         Frame::Value(v) => format!("V:{}", v.value),
+        Frame::Request(r) => show(Frame::Value(r.into_parsed())),
         Frame::Error(e) => format!("E:{e}"),
     }
 }
@@ -20,12 +21,22 @@ fn drain(dec: &mut JsonDecoder, buf: &mut BytesMut, out: &mut Vec<String>) {
     }
 }
 
-/// Frames for `input` fed in one piece, checking that byte-at-a-time feeding and a few
-/// irregular splits give the same frames.
+/// Frames for `input` fed in one piece, checking that byte-at-a-time feeding, a few
+/// irregular splits and a decoder that splits request objects give the same frames.
 fn run_with(input: &[u8], limits: Limits) -> Vec<String> {
     let mut reference = None;
-    for chunk in [usize::MAX, 1, 2, 3, 7] {
+    for (chunk, split_requests) in [
+        (usize::MAX, false),
+        (usize::MAX, true),
+        (1, false),
+        (2, true),
+        (3, false),
+        (7, false),
+    ] {
         let mut dec = JsonDecoder::new(limits);
+        if split_requests {
+            dec = dec.split_requests();
+        }
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
         let step = chunk.min(input.len().max(1));
@@ -495,7 +506,7 @@ fn replay(path: &str) {
                 buf.extend_from_slice(&bytes);
                 while let Some(f) = dec.decode(&mut buf) {
                     got.push(match f {
-                        Frame::Value(_) => "value".to_string(),
+                        Frame::Value(_) | Frame::Request(_) => "value".to_string(),
                         Frame::Error(d) => d,
                     });
                 }
@@ -764,18 +775,27 @@ fn whole_buffer_matches_byte_at_a_time() {
         }
         out.push_str(WS[rnd(WS.len())]);
     }
-    let frames = |input: &[u8], limits: Limits, step: usize| {
+    let frames = |input: &[u8], limits: Limits, step: usize, split_requests: bool| {
         let mut dec = JsonDecoder::new(limits);
+        if split_requests {
+            dec = dec.split_requests();
+        }
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
         for piece in input.chunks(step) {
             buf.extend_from_slice(piece);
-            while let Some(f) = dec.decode(&mut buf) {
+            while let Some(mut f) = dec.decode(&mut buf) {
+                if let Frame::Request(request) = f {
+                    f = Frame::Value(request.into_parsed());
+                }
                 out.push(match f {
-                    Frame::Value(v) => {
-                        format!("V:{} id:{:?}", v.value, v.id.map(|r| r.get().to_owned()))
-                    }
+                    Frame::Value(v) => format!(
+                        "V:{} id:{:?}",
+                        v.value,
+                        v.id.map(|r| (r.get().to_owned(), r.key().to_owned()))
+                    ),
                     Frame::Error(e) => format!("E:{e}"),
+                    Frame::Request(_) => unreachable!("turned into a value above"),
                 });
             }
         }
@@ -815,12 +835,18 @@ fn whole_buffer_matches_byte_at_a_time() {
                 max_bytes: 1 + rnd(120),
             }
         };
-        let whole = frames(&input, limits, usize::MAX);
+        let whole = frames(&input, limits, usize::MAX, false);
         values += whole.iter().filter(|f| f.starts_with("V:")).count();
         assert_eq!(
             whole,
-            frames(&input, limits, 1),
+            frames(&input, limits, 1, false),
             "for {:?}",
+            String::from_utf8_lossy(&input)
+        );
+        assert_eq!(
+            whole,
+            frames(&input, limits, usize::MAX, true),
+            "split requests differ for {:?}",
             String::from_utf8_lossy(&input)
         );
     }
