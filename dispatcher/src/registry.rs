@@ -1,6 +1,6 @@
 //! The command table: built once by the embedder, then shared read-only by every client.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -541,6 +541,8 @@ impl Entry {
 /// The immutable set of commands a server dispatches to. Build it with
 /// [`Registry::builder`].
 pub struct Registry {
+    /// hashbrown's foldhash: every request is looked up here, and the names are the
+    /// embedder's, fixed once built, so a client cannot crowd one bucket.
     by_name: HashMap<Arc<str>, Entry>,
     /// Registration order, for `query-commands` and the guest agent's `guest-info`.
     order: Vec<Arc<str>>,
