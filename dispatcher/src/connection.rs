@@ -88,7 +88,7 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
         let client = info.id();
         let (reader, writer) = transport.split();
         let (outbox_tx, outbox) = mpsc::unbounded_channel();
-        let session = Session::new(Arc::clone(&shared), info, outbox_tx, cancel.clone());
+        let session = Session::new(Arc::clone(&shared), info, outbox_tx);
         let recv = RecvState::new();
         // Input a previous connection left in the parts counts as read already.
         let read_total = parts.read_buf.len() as u64;
@@ -322,12 +322,16 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
 
     /// Says goodbye as the reason for ending allows, and cancels what is still in flight.
     async fn finish(&mut self, end: End) {
+        if end == End::Shutdown {
+            // Replies already produced (`quit`'s among them) and events emitted before the
+            // shutdown still go out.
+            self.receive_ready();
+            let _ = self.encode_output();
+        }
+        // Handlers learn at once, not after a goodbye that may take a while to write.
+        self.session.close();
         match end {
             End::Shutdown => {
-                // Replies already produced (`quit`'s among them) and events emitted before
-                // the shutdown still go out.
-                self.receive_ready();
-                let _ = self.encode_output();
                 let flush = self.writer.write_all(&self.write_buf);
                 let _ = tokio::time::timeout(SHUTDOWN_FLUSH, flush).await;
             }
@@ -350,7 +354,6 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
             }
             End::Finished | End::Departed => {}
         }
-        self.session.close();
         self.shared.memory.update(self.accounted, 0);
         self.accounted = 0;
         let _ = self.writer.shutdown().await;

@@ -13,7 +13,7 @@ use crate::events::Events;
 use crate::fd::{Access, ClientFds, FdsetFile};
 use crate::job::{JobDriver, JobOptions};
 use crate::policy::Policy;
-use crate::qmp_return::QmpReturn;
+use crate::qmp_return::{QmpReturn, Settlement};
 use crate::registry::CommandInfo;
 use crate::server::Shared;
 
@@ -111,7 +111,8 @@ pub struct RequestContext {
     client: Arc<ClientInfo>,
     shared: Arc<Shared>,
     command: Arc<str>,
-    cancel: CancellationToken,
+    /// The request's core, shared with its return: the stop signal is read there.
+    settlement: Settlement,
 }
 
 impl RequestContext {
@@ -119,13 +120,13 @@ impl RequestContext {
         client: Arc<ClientInfo>,
         shared: Arc<Shared>,
         command: Arc<str>,
-        cancel: CancellationToken,
+        settlement: Settlement,
     ) -> Self {
         RequestContext {
             client,
             shared,
             command,
-            cancel,
+            settlement,
         }
     }
 
@@ -169,12 +170,13 @@ impl RequestContext {
 
     /// True once the request was cancelled (the client left, or cancelled it).
     pub fn is_cancelled(&self) -> bool {
-        self.cancel.is_cancelled()
+        self.settlement.core().is_stopped()
     }
 
-    /// A token cancelled with the request, for work that runs apart from it.
+    /// A token cancelled with the request, for work that runs apart from it (made on the
+    /// first call: requests that never ask have none).
     pub fn cancellation_token(&self) -> &CancellationToken {
-        &self.cancel
+        self.settlement.core().stop_token()
     }
 
     /// The server's commands in registration order, as `query-commands` lists them (with

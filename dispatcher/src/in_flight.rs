@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use hashbrown::HashTable;
 use slab::Slab;
-use tokio_util::sync::CancellationToken;
 
 use crate::qmp_return::{Settlement, Ticket};
 use crate::wire::Id;
@@ -21,9 +20,8 @@ pub(crate) struct Entry {
     pub(crate) id: Option<Id>,
     pub(crate) command: Arc<str>,
     pub(crate) started: Instant,
-    /// A child of the connection's token: cancelled by `async-command-cancel` or disconnect.
-    pub(crate) cancel: CancellationToken,
-    /// Shared with the request's `QmpReturn`: a cancel must win it before it counts.
+    /// Shared with the request's `QmpReturn`: a cancel must win it before it counts, and
+    /// its stop signal tells the handler (`async-command-cancel`, a deadline, disconnect).
     pub(crate) settlement: Settlement,
     /// Sent with `exec-oob`: its reply may overtake in-band replies.
     pub(crate) oob: bool,
@@ -56,7 +54,6 @@ pub(crate) struct InFlight {
 pub(crate) struct NewEntry {
     pub(crate) id: Option<Id>,
     pub(crate) command: Arc<str>,
-    pub(crate) cancel: CancellationToken,
     pub(crate) settlement: Settlement,
     pub(crate) oob: bool,
     pub(crate) silent_success: bool,
@@ -120,7 +117,6 @@ impl InFlight {
             id: new.id,
             command: new.command,
             started: Instant::now(),
-            cancel: new.cancel,
             settlement: new.settlement,
             oob: new.oob,
             silent_success: new.silent_success,
@@ -197,7 +193,7 @@ impl InFlight {
         for entry in self.entries.drain() {
             // The client is gone either way; a reply committed first merely keeps its effect.
             entry.settlement.cancel();
-            entry.cancel.cancel();
+            entry.settlement.stop();
             each(&entry);
         }
         self.by_id.clear();

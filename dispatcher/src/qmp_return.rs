@@ -69,6 +69,11 @@ impl Settlement {
         self.0.request_cancel()
     }
 
+    /// Tells the handler to stop: `is_cancelled` turns true and `cancelled` resolves.
+    pub(crate) fn stop(&self) {
+        self.0.stop();
+    }
+
     /// Settles the request as replied unless it was cancelled first; true if it is replied.
     fn commit_reply(&self) -> bool {
         self.0.mark_done()
@@ -105,7 +110,7 @@ pub struct QmpReturn {
     /// `None` once answered.
     sink: Option<Sink>,
     command: Arc<str>,
-    cancel: CancellationToken,
+    /// The request's core: the reply-or-cancel race, progress and the stop signal.
     settlement: Settlement,
     /// Counts live returns for the server's leak check (decremented on drop), and tracks
     /// the handler work spawned through this return.
@@ -123,7 +128,6 @@ impl QmpReturn {
         tx: UnboundedSender<Outgoing>,
         ticket: Ticket,
         command: Arc<str>,
-        cancel: CancellationToken,
         settlement: Settlement,
         shared: Arc<ReturnShared>,
     ) -> Self {
@@ -131,7 +135,6 @@ impl QmpReturn {
         QmpReturn {
             sink: Some(Sink { tx, ticket }),
             command,
-            cancel,
             settlement,
             shared,
         }
@@ -228,7 +231,7 @@ impl QmpReturn {
     /// True once the request was cancelled: its client disconnected or cancelled it. A reply
     /// is then discarded.
     pub fn is_cancelled(&self) -> bool {
-        self.cancel.is_cancelled()
+        self.settlement.0.is_stopped()
     }
 
     /// Resolves when the request is cancelled.
@@ -237,13 +240,13 @@ impl QmpReturn {
     /// Cancel-safe: dropping the future loses nothing, and a new one resolves at once if the
     /// request was cancelled meanwhile. Use it in `select!` beside the work itself.
     pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
-        self.cancel.cancelled()
+        self.settlement.0.stop_token().cancelled()
     }
 
     /// A token that is cancelled with this request, for work that runs apart from the
     /// `QmpReturn` (a blocking thread, a child task).
     pub fn cancellation_token(&self) -> CancellationToken {
-        self.cancel.clone()
+        self.settlement.0.stop_token().clone()
     }
 
     /// Runs `work` as a task on the server's tracker, so [`crate::Server::wait`] waits for
@@ -340,7 +343,7 @@ fn encode_return<T: Serialize + ?Sized>(value: &T) -> Result<Box<RawValue>, serd
 impl Drop for QmpReturn {
     fn drop(&mut self) {
         self.shared.live.fetch_sub(1, Ordering::Relaxed);
-        if self.sink.is_none() || self.cancel.is_cancelled() {
+        if self.sink.is_none() || self.is_cancelled() {
             return;
         }
         let desc = if std::thread::panicking() {

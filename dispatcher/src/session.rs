@@ -15,7 +15,6 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
 
 use crate::config::{LEGACY_QUEUE_LEN, OOB_RESERVE};
@@ -66,8 +65,6 @@ pub(crate) struct Session {
     /// The connection's outbox: handlers' replies and events arrive through it, in order.
     /// Dropped on close, so the outbox closes once no handler holds a return any more.
     outbox: Option<mpsc::UnboundedSender<Outgoing>>,
-    /// The connection's token; every in-flight command holds a child of it.
-    cancel: CancellationToken,
     /// Events flow into the outbox while this is held: from negotiation to disconnect.
     events: Option<Subscription>,
     /// Events were lost because this client fell behind; the connection must end.
@@ -92,7 +89,6 @@ impl Session {
         shared: Arc<Shared>,
         info: Arc<ClientInfo>,
         outbox: mpsc::UnboundedSender<Outgoing>,
-        cancel: CancellationToken,
     ) -> Self {
         let dialect = shared.config.dialect;
         info.fds
@@ -109,7 +105,6 @@ impl Session {
             lookahead: None,
             output: VecDeque::new(),
             outbox: Some(outbox),
-            cancel,
             events: None,
             lagged: false,
             deadlines: None,
@@ -289,7 +284,7 @@ impl Session {
             return;
         };
         entry.deadline = None; // Expired: no longer in the queue.
-        entry.cancel.cancel();
+        entry.settlement.stop();
         let after = self
             .shared
             .config
@@ -546,12 +541,10 @@ impl Session {
             Dispatcher::Handler(handler) => Arc::clone(handler),
         };
 
-        let cancel = self.cancel.child_token();
         let settlement = Settlement::default();
         let ticket = self.in_flight.insert(NewEntry {
             id,
             command: Arc::clone(&command.name),
-            cancel: cancel.clone(),
             settlement: settlement.clone(),
             oob,
             silent_success: command.silent_success,
@@ -572,13 +565,12 @@ impl Session {
             Arc::clone(&self.info),
             Arc::clone(&shared),
             Arc::clone(&command.name),
-            cancel.clone(),
+            settlement.clone(),
         );
         let ret = QmpReturn::new(
             outbox,
             ticket,
             Arc::clone(&command.name),
-            cancel,
             settlement,
             Arc::clone(&shared.returns),
         );
@@ -802,7 +794,7 @@ impl Session {
                 "No command with id {id_key} is in flight"
             )));
         };
-        entry.cancel.cancel();
+        entry.settlement.stop();
         self.forget_deadline(&entry);
         observe::command_finished(
             &self.info,
@@ -1080,11 +1072,14 @@ mod tests {
         assert!(h.session.has_pending());
         h.session.close();
         assert!(!h.session.has_pending());
-        assert!(h.parked.lock().unwrap().iter().all(QmpReturn::is_cancelled));
+        let parked = h.parked.lock().unwrap();
+        assert!(parked.iter().all(QmpReturn::is_cancelled));
         assert!(
-            !h.cancel.is_cancelled(),
-            "the connection token is the connection's"
+            parked
+                .iter()
+                .all(|ret| ret.cancellation_token().is_cancelled())
         );
+        drop(parked);
         h.release(0, json!(1));
         assert_eq!(h.output(), Vec::<Value>::new());
     }
@@ -1125,7 +1120,6 @@ mod tests_support {
         pub(super) outbox: mpsc::UnboundedReceiver<Outgoing>,
         pub(super) codec: QmpCodec,
         pub(super) parked: Parked,
-        pub(super) cancel: CancellationToken,
         pub(super) _server: Server,
     }
 
@@ -1148,19 +1142,17 @@ mod tests_support {
                 .unwrap();
             let server = configure(Server::builder(registry.build())).build();
             let (tx, outbox) = mpsc::unbounded_channel();
-            let cancel = CancellationToken::new();
             let info = Arc::new(crate::context::ClientInfo::new(
                 0,
                 None,
                 crate::Policy::full(),
             ));
-            let session = Session::new(Arc::clone(server.shared()), info, tx, cancel.clone());
+            let session = Session::new(Arc::clone(server.shared()), info, tx);
             let mut harness = Harness {
                 session,
                 outbox,
                 codec: QmpCodec::new(Limits::default(), LineEnding::Lf),
                 parked,
-                cancel,
                 _server: server,
             };
             let greeting = harness.output();

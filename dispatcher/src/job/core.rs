@@ -2,7 +2,10 @@
 //! whether a cancel or the end came first, and its progress, in atomics that any thread
 //! may read without a lock.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+
+use tokio_util::sync::CancellationToken;
 
 use super::status::JobStatus;
 
@@ -12,21 +15,30 @@ use super::status::JobStatus;
 /// * `CANCEL`: a cancel was requested (QEMU's `job->cancelled`);
 /// * `DONE`: the work ended and its outcome is committed (QEMU's `deferred_to_main_loop`);
 ///   from then on a soft cancel, the only kind a deferred command knows, has no effect;
-/// * `PROGRESS`: the work reported progress, so listings show it.
+/// * `PROGRESS`: the work reported progress, so listings show it;
+/// * `STOP`: the work was told to stop (its request was cancelled, timed out, or its client
+///   left), which [`is_stopped`](Self::is_stopped) and [`stop_token`](Self::stop_token) show.
 ///
 /// `CANCEL` and `DONE` settle a race: whichever is set first wins, and the other is
 /// refused (see [`request_cancel`](Self::request_cancel) and [`mark_done`](Self::mark_done)).
+///
+/// The stop signal is a flag rather than a child of the connection's token: a child token
+/// costs an allocation and two locks of its parent, which every request of the connection
+/// shares, and most handlers never look. A token is made only for work that asks for one.
 #[derive(Debug)]
 pub(crate) struct Core {
     word: AtomicU32,
     current: AtomicU64,
     total: AtomicU64,
+    /// Made by the first [`stop_token`](Self::stop_token), cancelled with `STOP`.
+    token: OnceLock<CancellationToken>,
 }
 
 const STATUS_MASK: u32 = 0xf;
 const CANCEL: u32 = 1 << 4;
 const DONE: u32 = 1 << 5;
 const PROGRESS: u32 = 1 << 6;
+const STOP: u32 = 1 << 7;
 
 impl Core {
     /// A core in `status` with no progress reported.
@@ -35,7 +47,34 @@ impl Core {
             word: AtomicU32::new(u32::from(status.to_u8())),
             current: AtomicU64::new(0),
             total: AtomicU64::new(0),
+            token: OnceLock::new(),
         }
+    }
+
+    /// Tells the work to stop: sets `STOP` and cancels the token, if one was made.
+    pub(crate) fn stop(&self) {
+        self.word.fetch_or(STOP, Ordering::AcqRel);
+        // Paired with the fence in `stop_token`: either it sees `STOP`, or this sees its
+        // token; a token made meanwhile is never left uncancelled.
+        fence(Ordering::SeqCst);
+        if let Some(token) = self.token.get() {
+            token.cancel();
+        }
+    }
+
+    /// True once the work was told to [`stop`](Self::stop).
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.word.load(Ordering::Acquire) & STOP != 0
+    }
+
+    /// A token cancelled when the work is told to stop (at once if it was already).
+    pub(crate) fn stop_token(&self) -> &CancellationToken {
+        let token = self.token.get_or_init(CancellationToken::new);
+        fence(Ordering::SeqCst);
+        if self.is_stopped() {
+            token.cancel();
+        }
+        token
     }
 
     pub(crate) fn status(&self) -> JobStatus {
@@ -139,6 +178,21 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stop_token_is_cancelled_whether_made_before_or_after_the_stop() {
+        let early = Core::new(JobStatus::Running);
+        let token = early.stop_token().clone();
+        assert!(!token.is_cancelled() && !early.is_stopped());
+        early.stop();
+        assert!(token.is_cancelled() && early.is_stopped());
+        let late = Core::new(JobStatus::Running);
+        late.stop();
+        assert!(late.stop_token().is_cancelled());
+        // The flag survives status changes.
+        late.set_status(JobStatus::Aborting);
+        assert!(late.is_stopped());
+    }
 
     #[test]
     fn cancel_and_end_settle_once() {
