@@ -1,8 +1,8 @@
 //! The per-client table of dispatched commands that have not replied yet.
 
+use crate::counter::SpreadCounter;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use hashbrown::HashTable;
@@ -47,7 +47,7 @@ pub(crate) struct InFlight {
     /// Bytes of ids held by `entries`, for the client's retained budget.
     retained: usize,
     /// The server-wide total in `Stats`, kept in step with `entries` here and nowhere else.
-    total: Arc<AtomicUsize>,
+    total: Arc<SpreadCounter>,
 }
 
 /// What to record for a newly dispatched command.
@@ -63,7 +63,7 @@ pub(crate) struct NewEntry {
 
 impl InFlight {
     /// An empty table whose entries also count in the server-wide `total`.
-    pub(crate) fn new(total: Arc<AtomicUsize>) -> Self {
+    pub(crate) fn new(total: Arc<SpreadCounter>) -> Self {
         InFlight {
             entries: Slab::new(),
             by_id: HashTable::new(),
@@ -131,7 +131,7 @@ impl InFlight {
                 hasher.hash_one(key_of(&entries[k]).expect("indexed entries have ids"))
             });
         }
-        self.total.fetch_add(1, Ordering::Relaxed);
+        self.total.add(1);
         Ticket { key, seq }
     }
 
@@ -150,7 +150,7 @@ impl InFlight {
         }
         let entry = self.entries.remove(ticket.key);
         self.retained -= entry.id.as_ref().map_or(0, Id::heap_size);
-        self.total.fetch_sub(1, Ordering::Relaxed);
+        self.total.add(-1);
         crate::observe::in_flight_changed(-1.0);
         Some(entry)
     }
@@ -188,7 +188,7 @@ impl InFlight {
 
     /// Cancels and forgets everything: the client is gone.
     pub(crate) fn cancel_all(&mut self, mut each: impl FnMut(&Entry)) {
-        self.total.fetch_sub(self.entries.len(), Ordering::Relaxed);
+        self.total.add(-(self.entries.len() as isize));
         crate::observe::in_flight_changed(-(self.entries.len() as f64));
         for entry in self.entries.drain() {
             // The client is gone either way; a reply committed first merely keeps its effect.

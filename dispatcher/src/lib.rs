@@ -116,6 +116,7 @@ pub mod args;
 pub mod config;
 mod connection;
 pub mod context;
+pub(crate) mod counter;
 pub mod error;
 pub mod events;
 pub mod fd;

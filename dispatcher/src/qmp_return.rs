@@ -1,12 +1,12 @@
 //! `QmpReturn`: the one reply a request is owed, deliverable now or later, from any thread.
 
+use crate::counter::SpreadCounter;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc::UnboundedSender;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::QmpError;
@@ -90,7 +90,7 @@ impl Settlement {
 #[derive(Debug, Default)]
 pub(crate) struct ReturnShared {
     /// Live returns, for `Stats::live_returns`.
-    pub(crate) live: AtomicUsize,
+    pub(crate) live: SpreadCounter,
     pub(crate) tasks: TaskTracker,
 }
 
@@ -131,7 +131,7 @@ impl QmpReturn {
         settlement: Settlement,
         shared: Arc<ReturnShared>,
     ) -> Self {
-        shared.live.fetch_add(1, Ordering::Relaxed);
+        shared.live.add(1);
         QmpReturn {
             sink: Some(Sink { tx, ticket }),
             command,
@@ -239,8 +239,8 @@ impl QmpReturn {
     /// # Cancel safety
     /// Cancel-safe: dropping the future loses nothing, and a new one resolves at once if the
     /// request was cancelled meanwhile. Use it in `select!` beside the work itself.
-    pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
-        self.settlement.0.stop_token().cancelled()
+    pub fn cancelled(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
+        self.settlement.0.stopped()
     }
 
     /// A token that is cancelled with this request, for work that runs apart from the
@@ -342,7 +342,7 @@ fn encode_return<T: Serialize + ?Sized>(value: &T) -> Result<Box<RawValue>, serd
 
 impl Drop for QmpReturn {
     fn drop(&mut self) {
-        self.shared.live.fetch_sub(1, Ordering::Relaxed);
+        self.shared.live.add(-1);
         if self.sink.is_none() || self.is_cancelled() {
             return;
         }

@@ -18,6 +18,7 @@ use tracing::Instrument;
 use crate::config::{Config, Dialect, VersionInfo};
 use crate::connection::{Connection, End};
 use crate::context::{ClientInfo, PeerCredentials};
+use crate::counter::SpreadCounter;
 use crate::error::QmpError;
 use crate::events::{EventSettings, Events, Throttle};
 use crate::fd::FdLimits;
@@ -55,7 +56,7 @@ pub(crate) struct Shared {
 pub(crate) struct Counters {
     pub(crate) clients: AtomicUsize,
     /// Kept by each client's in-flight table, in step with its entries.
-    pub(crate) in_flight: Arc<AtomicUsize>,
+    pub(crate) in_flight: Arc<SpreadCounter>,
     next_client: AtomicU64,
 }
 
@@ -454,8 +455,8 @@ impl Server {
         let counters = &self.shared.counters;
         Stats {
             clients: counters.clients.load(Ordering::Relaxed),
-            in_flight: counters.in_flight.load(Ordering::Relaxed),
-            live_returns: self.shared.returns.live.load(Ordering::Relaxed),
+            in_flight: counters.in_flight.get(),
+            live_returns: self.shared.returns.live.get(),
             connection_tasks: self.connections.len(),
             handler_tasks: self.shared.returns.tasks.len(),
             memory: self.shared.memory.used(),

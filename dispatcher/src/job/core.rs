@@ -5,6 +5,7 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::status::JobStatus;
@@ -24,12 +25,15 @@ use super::status::JobStatus;
 ///
 /// The stop signal is a flag rather than a child of the connection's token: a child token
 /// costs an allocation and two locks of its parent, which every request of the connection
-/// shares, and most handlers never look. A token is made only for work that asks for one.
+/// shares, and most handlers never look. Waiting for it ([`stopped`](Self::stopped)) takes
+/// a `Notify`; a token is made only for work that asks for one.
 #[derive(Debug)]
 pub(crate) struct Core {
     word: AtomicU32,
     current: AtomicU64,
     total: AtomicU64,
+    /// Wakes [`stopped`](Self::stopped) futures when `STOP` is set.
+    stopping: Notify,
     /// Made by the first [`stop_token`](Self::stop_token), cancelled with `STOP`.
     token: OnceLock<CancellationToken>,
 }
@@ -47,6 +51,7 @@ impl Core {
             word: AtomicU32::new(u32::from(status.to_u8())),
             current: AtomicU64::new(0),
             total: AtomicU64::new(0),
+            stopping: Notify::new(),
             token: OnceLock::new(),
         }
     }
@@ -54,6 +59,7 @@ impl Core {
     /// Tells the work to stop: sets `STOP` and cancels the token, if one was made.
     pub(crate) fn stop(&self) {
         self.word.fetch_or(STOP, Ordering::AcqRel);
+        self.stopping.notify_waiters();
         // Paired with the fence in `stop_token`: either it sees `STOP`, or this sees its
         // token; a token made meanwhile is never left uncancelled.
         fence(Ordering::SeqCst);
@@ -65,6 +71,17 @@ impl Core {
     /// True once the work was told to [`stop`](Self::stop).
     pub(crate) fn is_stopped(&self) -> bool {
         self.word.load(Ordering::Acquire) & STOP != 0
+    }
+
+    /// Resolves once the work is told to stop. Cancel-safe.
+    pub(crate) async fn stopped(&self) {
+        // A `Notified` hears every `notify_waiters` after its creation, so a stop between
+        // the check and the wait is not missed.
+        let notified = self.stopping.notified();
+        if self.is_stopped() {
+            return;
+        }
+        notified.await;
     }
 
     /// A token cancelled when the work is told to stop (at once if it was already).
@@ -192,6 +209,24 @@ mod tests {
         // The flag survives status changes.
         late.set_status(JobStatus::Aborting);
         assert!(late.is_stopped());
+    }
+
+    #[tokio::test]
+    async fn stopped_resolves_on_a_stop_before_or_while_waiting() {
+        let core = std::sync::Arc::new(Core::new(JobStatus::Running));
+        let waiter = tokio::spawn({
+            let core = std::sync::Arc::clone(&core);
+            async move { core.stopped().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        core.stop();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter heard the stop")
+            .unwrap();
+        // Already stopped: resolves at once.
+        core.stopped().await;
     }
 
     #[test]
