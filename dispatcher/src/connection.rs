@@ -65,7 +65,8 @@ pub(crate) struct Connection<'p, T: Transport, C> {
 /// Sleeps until `when`; pending for ever without one (the select arm is disabled then).
 async fn sleep_until_some(when: Option<tokio::time::Instant>) {
     match when {
-        Some(when) => tokio::time::sleep_until(when).await,
+        // Boxed: a timer is large, and every connection's task would carry one unused.
+        Some(when) => Box::pin(tokio::time::sleep_until(when)).await,
         None => std::future::pending().await,
     }
 }
@@ -280,8 +281,10 @@ impl<'p, T: Transport, C: ServerCodec> Connection<'p, T, C> {
         !self.eof && !self.parts.read_buf.is_empty() && T::has_departed(&self.reader)
     }
 
-    /// Gives back buffer room a large value needed once.
+    /// Gives back buffer room a large value needed once, and an emptied input buffer to
+    /// the thread (the next read takes it again).
     fn shrink_buffers(&mut self) {
+        crate::transport::release_input(&mut self.parts.read_buf);
         if self.write_buf.is_empty() && self.write_buf.capacity() > IDLE_CAPACITY {
             self.write_buf = BytesMut::new();
         }
@@ -385,7 +388,8 @@ async fn read_or_watch<T: Transport>(
     watch_only: bool,
 ) -> Input {
     if watch_only {
-        T::departed(reader).await;
+        // Boxed, so only a paused connection carries the watch (a timer and a socket).
+        Box::pin(T::departed(reader)).await;
         return Input::Departed;
     }
     match T::read_with_fds(reader, input, recv).await {

@@ -65,14 +65,43 @@ pub trait Transport: Send + 'static {
 }
 
 /// Spare room below which a read first grows the input buffer, and by how much.
-const READ_RESERVE: usize = 4096;
-const READ_GROWTH: usize = 16 * 1024;
+const READ_RESERVE: usize = 1024;
+const READ_GROWTH: usize = 4096;
 
-/// Makes room in `buf` for one read. Unix sockets call it once data is ready, so an idle
-/// connection holds no input buffer at all.
+/// The largest empty input buffer a thread keeps for the next connection it reads.
+const SPARE_MAX: usize = 64 * 1024;
+
+thread_local! {
+    /// An empty input buffer, handed from connection to connection on this thread: a
+    /// connection takes it when data is ready and gives it back once it has decoded all it
+    /// read, so a busy worker reuses one allocation and an idle connection holds none.
+    static SPARE: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
+/// Makes room in `buf` for one read, taking this thread's spare buffer if `buf` has none.
+/// Unix sockets call it once data is ready, so an idle connection holds no input buffer.
 pub fn reserve_for_read(buf: &mut BytesMut) {
+    if buf.capacity() == 0 {
+        SPARE.with_borrow_mut(|spare| std::mem::swap(buf, spare));
+    }
     if buf.capacity() - buf.len() < READ_RESERVE {
         buf.reserve(READ_GROWTH);
+    }
+}
+
+/// Gives an input buffer with nothing left in it back to this thread, for the next read of
+/// any connection (see [`reserve_for_read`]). A buffer that still holds input is kept.
+pub fn release_input(buf: &mut BytesMut) {
+    if !buf.is_empty() || buf.capacity() == 0 {
+        return;
+    }
+    let buf = std::mem::take(buf);
+    if buf.capacity() <= SPARE_MAX {
+        SPARE.with_borrow_mut(|spare| {
+            if spare.capacity() < buf.capacity() {
+                *spare = buf;
+            }
+        });
     }
 }
 

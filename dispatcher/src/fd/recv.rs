@@ -31,7 +31,7 @@ const MAX_READ: usize = 64 * 1024;
 /// The smallest read offered. recvmsg needs initialised memory, so each read zeroes the room
 /// it offers; offering twice the last read (at least this) keeps that cost in proportion to
 /// what arrives, while a bulk sender reaches [`MAX_READ`] in a few reads.
-const MIN_READ: usize = 4096;
+const MIN_READ: usize = 1024;
 
 /// A connection's receiving state: whether it reads exactly yet, and how much it read last.
 #[derive(Debug)]
