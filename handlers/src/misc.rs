@@ -70,7 +70,9 @@ pub fn x_delay<S: Send + Sync + 'static>() -> Command<S> {
         if args.job_id.is_none() {
             // The degenerate private job: nothing can pause, ready or finalize it, so it
             // needs no job record, only its request's core (for the progress) and its reply.
-            return ret.spawn(move |ret| delay_privately(args.ms, args.fail, ret));
+            return ret.spawn(move |ret| {
+                delay_privately(args.ms, args.fail.map(String::into_boxed_str), ret)
+            });
         }
         let options = JobOptions::new("x-delay")
             .id(args.job_id)
@@ -88,23 +90,41 @@ pub fn x_delay<S: Send + Sync + 'static>() -> Command<S> {
 }
 
 /// `x-delay` without `job-id`: sleeps in tenths of `ms`, reporting progress, and replies.
-async fn delay_privately(ms: u64, fail: Option<String>, ret: QmpReturn) {
-    ret.set_progress(0, ms);
-    let step_ms = PROGRESS_STEP_MS.max(ms / PRIVATE_PROGRESS_STEPS);
-    let mut done = 0;
-    while done < ms {
-        let step = (ms - done).min(step_ms);
-        tokio::select! {
-            biased;
-            () = ret.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_millis(step)) => {}
+///
+/// One timer, moved on at each step: the task of every such command in flight is a few
+/// hundred bytes, and ten thousand may be (see docs/performance.md).
+fn delay_privately(
+    ms: u64,
+    fail: Option<Box<str>>,
+    ret: QmpReturn,
+) -> impl Future<Output = ()> + Send {
+    // A block, not an `async fn`: the compiler copies an `async fn`'s arguments into its
+    // state beside the locals, 80 bytes more in every task.
+    async move {
+        ret.set_progress(0, ms);
+        let step = |done: u64| (ms - done).min(PROGRESS_STEP_MS.max(ms / PRIVATE_PROGRESS_STEPS));
+        let mut done = step(0);
+        let timer = tokio::time::sleep(Duration::from_millis(done));
+        tokio::pin!(timer);
+        loop {
+            tokio::select! {
+                biased;
+                () = ret.cancelled() => return,
+                () = &mut timer => {}
+            }
+            ret.set_progress(done, ms);
+            if done == ms {
+                break;
+            }
+            let next = step(done);
+            done += next;
+            let deadline = timer.deadline() + Duration::from_millis(next);
+            timer.as_mut().reset(deadline);
         }
-        done += step;
-        ret.set_progress(done, ms);
-    }
-    match fail {
-        Some(error) => ret.err(QmpError::generic(error)),
-        None => ret.reply(Ok(())),
+        match fail {
+            Some(error) => ret.err(QmpError::generic(error)),
+            None => ret.reply(Ok(())),
+        }
     }
 }
 

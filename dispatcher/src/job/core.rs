@@ -2,11 +2,14 @@
 //! whether a cancel or the end came first, and its progress, in atomics that any thread
 //! may read without a lock.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use std::task::{Context, Poll};
 
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+use futures_util::task::AtomicWaker;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::status::JobStatus;
 
@@ -26,14 +29,17 @@ use super::status::JobStatus;
 /// The stop signal is a flag rather than a child of the connection's token: a child token
 /// costs an allocation and two locks of its parent, which every request of the connection
 /// shares, and most handlers never look. Waiting for it ([`stopped`](Self::stopped)) takes
-/// a `Notify`; a token is made only for work that asks for one.
+/// the core's one waker slot; a token is made only for work that asks for one, or for a
+/// second waiter while the slot is taken.
 #[derive(Debug)]
 pub(crate) struct Core {
     word: AtomicU32,
     current: AtomicU64,
     total: AtomicU64,
-    /// Wakes [`stopped`](Self::stopped) futures when `STOP` is set.
-    stopping: Notify,
+    /// The waker of the [`Stopped`] future that holds the slot (`WAITING`), woken by
+    /// `STOP`. One slot rather than a `Notify`: a `Notified` is 64 bytes in every handler
+    /// task that waits, and nearly every one waits alone.
+    waiter: AtomicWaker,
     /// Made by the first [`stop_token`](Self::stop_token), cancelled with `STOP`.
     token: OnceLock<CancellationToken>,
 }
@@ -43,6 +49,8 @@ const CANCEL: u32 = 1 << 4;
 const DONE: u32 = 1 << 5;
 const PROGRESS: u32 = 1 << 6;
 const STOP: u32 = 1 << 7;
+/// A [`Stopped`] future holds the waker slot.
+const WAITING: u32 = 1 << 8;
 
 impl Core {
     /// A core in `status` with no progress reported.
@@ -51,7 +59,7 @@ impl Core {
             word: AtomicU32::new(u32::from(status.to_u8())),
             current: AtomicU64::new(0),
             total: AtomicU64::new(0),
-            stopping: Notify::new(),
+            waiter: AtomicWaker::new(),
             token: OnceLock::new(),
         }
     }
@@ -59,7 +67,7 @@ impl Core {
     /// Tells the work to stop: sets `STOP` and cancels the token, if one was made.
     pub(crate) fn stop(&self) {
         self.word.fetch_or(STOP, Ordering::AcqRel);
-        self.stopping.notify_waiters();
+        self.waiter.wake();
         // Paired with the fence in `stop_token`: either it sees `STOP`, or this sees its
         // token; a token made meanwhile is never left uncancelled.
         fence(Ordering::SeqCst);
@@ -74,14 +82,11 @@ impl Core {
     }
 
     /// Resolves once the work is told to stop. Cancel-safe.
-    pub(crate) async fn stopped(&self) {
-        // A `Notified` hears every `notify_waiters` after its creation, so a stop between
-        // the check and the wait is not missed.
-        let notified = self.stopping.notified();
-        if self.is_stopped() {
-            return;
+    pub(crate) fn stopped(&self) -> Stopped<'_> {
+        Stopped {
+            core: self,
+            wait: Wait::Unpolled,
         }
-        notified.await;
     }
 
     /// A token cancelled when the work is told to stop (at once if it was already).
@@ -192,6 +197,80 @@ impl Core {
     }
 }
 
+/// The future of [`Core::stopped`]: 16 bytes. The first waiter takes the core's waker slot;
+/// one that finds it taken waits on the stop token instead (boxed, so the common case stays
+/// small).
+#[derive(Debug)]
+pub(crate) struct Stopped<'a> {
+    core: &'a Core,
+    wait: Wait,
+}
+
+#[derive(Debug)]
+enum Wait {
+    Unpolled,
+    /// Holds the waker slot; gives it back when dropped.
+    Slot,
+    Token(Pin<Box<WaitForCancellationFutureOwned>>),
+    Done,
+}
+
+impl Future for Stopped<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let core = self.core;
+        if let Wait::Unpolled = self.wait {
+            if core.is_stopped() {
+                self.wait = Wait::Done;
+                return Poll::Ready(());
+            }
+            let before = core.word.fetch_or(WAITING, Ordering::AcqRel);
+            self.wait = if before & WAITING == 0 {
+                Wait::Slot
+            } else {
+                Wait::Token(Box::pin(core.stop_token().clone().cancelled_owned()))
+            };
+        }
+        match &mut self.wait {
+            Wait::Slot => {
+                // Registered before the check: a stop after the check wakes this waker.
+                core.waiter.register(cx.waker());
+                if !core.is_stopped() {
+                    return Poll::Pending;
+                }
+                self.release();
+                Poll::Ready(())
+            }
+            Wait::Token(wait) => {
+                let ready = wait.as_mut().poll(cx);
+                if ready.is_ready() {
+                    self.wait = Wait::Done;
+                }
+                ready
+            }
+            Wait::Unpolled | Wait::Done => Poll::Ready(()),
+        }
+    }
+}
+
+impl Stopped<'_> {
+    /// Gives the waker slot back, and the waker with it, so no task is kept alive by a
+    /// future that is gone.
+    fn release(&mut self) {
+        if let Wait::Slot = std::mem::replace(&mut self.wait, Wait::Done) {
+            drop(self.core.waiter.take());
+            self.core.word.fetch_and(!WAITING, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +306,40 @@ mod tests {
             .unwrap();
         // Already stopped: resolves at once.
         core.stopped().await;
+    }
+
+    #[tokio::test]
+    async fn every_waiter_hears_the_stop_when_several_wait_or_one_gave_up() {
+        use std::future::Future;
+        use std::sync::Arc;
+        use std::task::{Context, Poll, Waker};
+        let core = Arc::new(Core::new(JobStatus::Running));
+        // One waiter polled and dropped gives the slot back, and its waker with it.
+        let mut gone = Box::pin(core.stopped());
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(gone.as_mut().poll(&mut cx).is_pending());
+        drop(gone);
+        assert_eq!(core.word.load(Ordering::Acquire) & WAITING, 0);
+        // Three at once: the first takes the slot, the others the token.
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let core = Arc::clone(&core);
+                tokio::spawn(async move { core.stopped().await })
+            })
+            .collect();
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        assert!(waiters.iter().all(|w| !w.is_finished()));
+        core.stop();
+        for waiter in waiters {
+            tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+                .await
+                .expect("every waiter heard the stop")
+                .unwrap();
+        }
+        let mut late = Box::pin(core.stopped());
+        assert_eq!(late.as_mut().poll(&mut cx), Poll::Ready(()));
     }
 
     #[test]
