@@ -93,6 +93,10 @@ pub fn x_delay<S: Send + Sync + 'static>() -> Command<S> {
 ///
 /// One timer, moved on at each step: the task of every such command in flight is a few
 /// hundred bytes, and ten thousand may be (see docs/performance.md).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn's state holds a copy of its arguments"
+)]
 fn delay_privately(
     ms: u64,
     fail: Option<Box<str>>,
