@@ -14,7 +14,7 @@ use crate::fd::{Access, ClientFds, FdsetFile};
 use crate::job::{JobDriver, JobOptions};
 use crate::policy::Policy;
 use crate::qmp_return::{QmpReturn, Settlement};
-use crate::registry::CommandInfo;
+use crate::registry::{CommandId, CommandInfo};
 use crate::server::Shared;
 
 /// The credentials of a Unix-socket peer, read with `SO_PEERCRED` when it connected.
@@ -110,7 +110,7 @@ impl ClientInfo {
 pub struct RequestContext {
     client: Arc<ClientInfo>,
     shared: Arc<Shared>,
-    command: Arc<str>,
+    command: CommandId,
     /// The request's core, shared with its return: the stop signal is read there.
     settlement: Settlement,
 }
@@ -119,7 +119,7 @@ impl RequestContext {
     pub(crate) fn new(
         client: Arc<ClientInfo>,
         shared: Arc<Shared>,
-        command: Arc<str>,
+        command: CommandId,
         settlement: Settlement,
     ) -> Self {
         RequestContext {
@@ -137,7 +137,7 @@ impl RequestContext {
 
     /// The command being run.
     pub fn command(&self) -> &str {
-        &self.command
+        &self.shared.registry.command(self.command).name
     }
 
     /// The server's event handle, for work that outlives the request. Events a command
@@ -152,13 +152,9 @@ impl RequestContext {
     /// event is still sent, and flagged (a warning in the log, and
     /// [`Stats::undeclared_events`](crate::Stats::undeclared_events)), so tests can fail on it.
     pub fn emit(&self, name: &str, data: Option<Value>) {
-        let declared = self
-            .shared
-            .registry
-            .get(&self.command)
-            .is_some_and(|entry| entry.emits(name));
-        if !declared {
-            self.shared.events.flag_undeclared(&self.command, name);
+        let command = self.shared.registry.command(self.command);
+        if !command.emits(name) {
+            self.shared.events.flag_undeclared(&command.name, name);
         }
         self.shared.events.emit(name, data);
     }

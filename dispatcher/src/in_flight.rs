@@ -9,6 +9,7 @@ use hashbrown::HashTable;
 use slab::Slab;
 
 use crate::qmp_return::{Settlement, Ticket};
+use crate::registry::CommandId;
 use crate::wire::Id;
 
 /// One command in flight.
@@ -18,7 +19,7 @@ pub(crate) struct Entry {
     /// The request's id: echoed in the reply, and its key compared for async clients.
     /// Stored here only; the id index refers to it by slab key.
     pub(crate) id: Option<Id>,
-    pub(crate) command: Arc<str>,
+    pub(crate) command: CommandId,
     pub(crate) started: Instant,
     /// Shared with the request's `QmpReturn`: a cancel must win it before it counts, and
     /// its stop signal tells the handler (`async-command-cancel`, a deadline, disconnect).
@@ -53,7 +54,7 @@ pub(crate) struct InFlight {
 /// What to record for a newly dispatched command.
 pub(crate) struct NewEntry {
     pub(crate) id: Option<Id>,
-    pub(crate) command: Arc<str>,
+    pub(crate) command: CommandId,
     pub(crate) settlement: Settlement,
     pub(crate) oob: bool,
     pub(crate) silent_success: bool,

@@ -108,7 +108,7 @@ impl CommandMetrics {
 /// know, whose series is looked up each time.
 pub(crate) fn command_finished(
     client: &ClientInfo,
-    command: &Arc<str>,
+    command: &str,
     metrics: Option<&CommandMetrics>,
     started: Option<Instant>,
     outcome: Outcome,
@@ -123,7 +123,7 @@ pub(crate) fn command_finished(
             }
         }
         None => {
-            let name = metrics::SharedString::from(Arc::clone(command));
+            let name = metrics::SharedString::from(command.to_owned());
             metrics::counter!(names::COMMANDS_TOTAL, "command" => name, "outcome" => outcome.as_str())
                 .increment(1);
         }
@@ -135,7 +135,7 @@ pub(crate) fn command_finished(
         policy = client.policy().name(),
         uid = peer.map(|p| p.uid),
         pid = peer.and_then(|p| p.pid),
-        command = &**command,
+        command,
         outcome = outcome.as_str(),
         class = error.map(|e| e.class.as_str()),
         "qmp command"

@@ -12,6 +12,8 @@ use tokio_util::task::TaskTracker;
 use crate::error::QmpError;
 use crate::job::JobStatus;
 use crate::job::core::Core;
+use crate::registry::CommandId;
+use crate::server::Shared;
 
 /// Names one dispatched request inside its connection. The sequence number makes a late
 /// completion harmless after its slab slot has been reused.
@@ -109,12 +111,12 @@ pub(crate) struct ReturnShared {
 pub struct QmpReturn {
     /// `None` once answered.
     sink: Option<Sink>,
-    command: Arc<str>,
+    command: CommandId,
     /// The request's core: the reply-or-cancel race, progress and the stop signal.
     settlement: Settlement,
-    /// Counts live returns for the server's leak check (decremented on drop), and tracks
-    /// the handler work spawned through this return.
-    shared: Arc<ReturnShared>,
+    /// The server: its registry names the command, `returns` counts live returns for the
+    /// leak check (decremented on drop) and tracks the work spawned through this return.
+    shared: Arc<Shared>,
 }
 
 #[derive(Debug)]
@@ -127,11 +129,11 @@ impl QmpReturn {
     pub(crate) fn new(
         tx: UnboundedSender<Outgoing>,
         ticket: Ticket,
-        command: Arc<str>,
+        command: CommandId,
         settlement: Settlement,
-        shared: Arc<ReturnShared>,
+        shared: Arc<Shared>,
     ) -> Self {
-        shared.live.add(1);
+        shared.returns.live.add(1);
         QmpReturn {
             sink: Some(Sink { tx, ticket }),
             command,
@@ -202,10 +204,10 @@ impl QmpReturn {
     }
 
     fn unserializable(&self, e: serde_json::Error) -> QmpError {
-        tracing::error!(command = %self.command, cause = %e, "reply could not be serialized");
+        tracing::error!(command = self.command(), cause = %e, "reply could not be serialized");
         QmpError::generic(format!(
             "Command {} produced an unserializable reply: {e}",
-            self.command
+            self.command()
         ))
     }
 
@@ -225,7 +227,7 @@ impl QmpReturn {
 
     /// The command this return answers.
     pub fn command(&self) -> &str {
-        &self.command
+        &self.shared.registry.command(self.command).name
     }
 
     /// True once the request was cancelled: its client disconnected or cancelled it. A reply
@@ -257,7 +259,7 @@ impl QmpReturn {
         F: FnOnce(QmpReturn) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let tasks = self.shared.tasks.clone();
+        let tasks = self.shared.returns.tasks.clone();
         tasks.spawn(work(self));
     }
 
@@ -269,7 +271,7 @@ impl QmpReturn {
     where
         F: FnOnce(QmpReturn) + Send + 'static,
     {
-        let tasks = self.shared.tasks.clone();
+        let tasks = self.shared.returns.tasks.clone();
         tasks.spawn_blocking(move || work(self));
     }
 
@@ -342,16 +344,17 @@ fn encode_return<T: Serialize + ?Sized>(value: &T) -> Result<Box<RawValue>, serd
 
 impl Drop for QmpReturn {
     fn drop(&mut self) {
-        self.shared.live.add(-1);
+        self.shared.returns.live.add(-1);
         if self.sink.is_none() || self.is_cancelled() {
             return;
         }
+        let command = self.command();
         let desc = if std::thread::panicking() {
-            tracing::error!(command = %self.command, "handler panicked before replying");
-            format!("Command {} failed: its handler panicked", self.command)
+            tracing::error!(command, "handler panicked before replying");
+            format!("Command {command} failed: its handler panicked")
         } else {
-            tracing::warn!(command = %self.command, "QmpReturn dropped without a reply");
-            format!("Command {} completed without a reply", self.command)
+            tracing::warn!(command, "QmpReturn dropped without a reply");
+            format!("Command {command} completed without a reply")
         };
         self.send(Outcome::Error(QmpError::generic(desc)));
     }
@@ -360,7 +363,7 @@ impl Drop for QmpReturn {
 impl std::fmt::Debug for QmpReturn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QmpReturn")
-            .field("command", &self.command)
+            .field("command", &self.command())
             .field("answered", &self.sink.is_none())
             .field("cancelled", &self.is_cancelled())
             .finish()

@@ -1,7 +1,8 @@
 //! The command table: built once by the embedder, then shared read-only by every client.
 
-use hashbrown::HashMap;
+use hashbrown::HashTable;
 use std::future::Future;
+use std::hash::BuildHasher;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -541,16 +542,26 @@ impl Entry {
 /// The immutable set of commands a server dispatches to. Build it with
 /// [`Registry::builder`].
 pub struct Registry {
-    /// hashbrown's foldhash: every request is looked up here, and the names are the
-    /// embedder's, fixed once built, so a client cannot crowd one bucket.
-    by_name: HashMap<Arc<str>, Entry>,
-    /// Registration order, for `query-commands` and the guest agent's `guest-info`.
-    order: Vec<Arc<str>>,
+    /// The commands in registration order (`query-commands`, the guest agent's
+    /// `guest-info`); a [`CommandId`] is a place here.
+    entries: Vec<Entry>,
+    /// Places in `entries`, hashed by name: every request is looked up here. Four bytes a
+    /// bucket, so the index of 10,000 commands is 64 KiB, not the entries themselves.
+    by_name: HashTable<u32>,
+    /// foldhash: the names are the embedder's, fixed once built, so a client cannot crowd
+    /// one bucket.
+    hasher: hashbrown::DefaultHashBuilder,
     /// Declared events, in declaration order.
     events: Vec<Event>,
     /// `query-qmp-schema`, computed once by [`RegistryBuilder::build`].
     schema: schema::Compiled,
 }
+
+/// A registered command's place in its [`Registry`]. In-flight requests and their returns
+/// keep it rather than the name: it costs no shared reference count, and the end of a
+/// request finds its command without hashing the name again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CommandId(u32);
 
 /// An event the registry declares, for `query-qmp-schema`.
 struct Event {
@@ -599,16 +610,31 @@ impl Registry {
         RegistryBuilder {
             state: Arc::new(state),
             registry: Registry {
-                by_name: HashMap::new(),
-                order: Vec::new(),
+                entries: Vec::new(),
+                by_name: HashTable::new(),
+                hasher: hashbrown::DefaultHashBuilder::default(),
                 events: Vec::new(),
                 schema: schema::Compiled::default(),
             },
         }
     }
 
+    /// The command of this name, with its place.
+    pub(crate) fn lookup(&self, name: &str) -> Option<(CommandId, &Entry)> {
+        let hash = self.hasher.hash_one(name);
+        let &index = self
+            .by_name
+            .find(hash, |&i| *self.entries[i as usize].name == *name)?;
+        Some((CommandId(index), &self.entries[index as usize]))
+    }
+
     pub(crate) fn get(&self, name: &str) -> Option<&Entry> {
-        self.by_name.get(name)
+        self.lookup(name).map(|(_, entry)| entry)
+    }
+
+    /// The command at `id`, which this registry gave out.
+    pub(crate) fn command(&self, id: CommandId) -> &Entry {
+        &self.entries[id.0 as usize]
     }
 
     /// The metric handles of a registered command.
@@ -642,16 +668,17 @@ impl Registry {
         command: impl Fn(&str) -> bool,
         event: impl Fn(&str) -> bool,
     ) -> schema::Compiled {
-        let commands = self.order.iter().filter(|name| command(name)).map(|name| {
-            let entry = &self.by_name[name];
-            Declared::Command {
-                name,
+        let commands = self
+            .entries
+            .iter()
+            .filter(|e| command(&e.name))
+            .map(|entry| Declared::Command {
+                name: &entry.name,
                 arg: entry.arg_type,
                 ret: entry.ret_type,
                 allow_oob: entry.allow_oob,
                 features: &entry.features,
-            }
-        });
+            });
         let events = self
             .events
             .iter()
@@ -667,14 +694,11 @@ impl Registry {
     /// Names in registration order, with whether each is enabled, allows OOB, and sends a
     /// reply on success.
     pub fn commands(&self) -> impl Iterator<Item = CommandInfo<'_>> {
-        self.order.iter().map(|name| {
-            let entry = &self.by_name[name];
-            CommandInfo {
-                name,
-                enabled: entry.disabled().is_none(),
-                allow_oob: entry.allow_oob,
-                success_response: !entry.silent_success,
-            }
+        self.entries.iter().map(|entry| CommandInfo {
+            name: &entry.name,
+            enabled: entry.disabled().is_none(),
+            allow_oob: entry.allow_oob,
+            success_response: !entry.silent_success,
         })
     }
 
@@ -704,8 +728,7 @@ impl Registry {
     }
 
     fn entry(&self, name: &str) -> Result<&Entry, RegisterError> {
-        self.by_name
-            .get(name)
+        self.get(name)
             .ok_or_else(|| RegisterError::UnknownCommand(name.to_string()))
     }
 }
@@ -755,7 +778,7 @@ impl<S: Send + Sync + 'static> RegistryBuilder<S> {
         if command.name.is_empty() {
             return Err(RegisterError::EmptyName);
         }
-        if self.registry.by_name.contains_key(&command.name) {
+        if self.registry.get(&command.name).is_some() {
             return Err(RegisterError::AlreadyRegistered(command.name.to_string()));
         }
         let kind = match command.kind {
@@ -792,8 +815,14 @@ impl<S: Send + Sync + 'static> RegistryBuilder<S> {
                 .map(String::into_boxed_str)
                 .collect(),
         };
-        self.registry.order.push(command.name.clone());
-        self.registry.by_name.insert(command.name, entry);
+        let registry = &mut self.registry;
+        let index = u32::try_from(registry.entries.len()).expect("fewer than 2^32 commands");
+        let hash = registry.hasher.hash_one(&*entry.name);
+        let (entries, hasher) = (&registry.entries, &registry.hasher);
+        registry.by_name.insert_unique(hash, index, |&i| {
+            hasher.hash_one(&*entries[i as usize].name)
+        });
+        registry.entries.push(entry);
         Ok(self)
     }
 
@@ -848,15 +877,14 @@ impl<S: Send + Sync + 'static> RegistryBuilder<S> {
     /// Finishes the registry, or says which command emits an undeclared event.
     pub fn try_build(mut self) -> Result<Registry, RegisterError> {
         let registry = &self.registry;
-        for name in &registry.order {
-            let entry = &registry.by_name[name];
+        for entry in &registry.entries {
             if let Some(event) = entry
                 .emits
                 .iter()
                 .find(|event| !registry.events.iter().any(|e| *e.name == ***event))
             {
                 return Err(RegisterError::UndeclaredEvent {
-                    command: name.to_string(),
+                    command: entry.name.to_string(),
                     event: event.to_string(),
                 });
             }

@@ -28,7 +28,7 @@ use crate::job::{JobStatus, JobVerb};
 use crate::observe;
 use crate::qmp_return::{Completion, Outcome, Outgoing, QmpReturn, Settlement, Ticket};
 use crate::rate::RateLimits;
-use crate::registry::{Builtin, Dispatcher};
+use crate::registry::{Builtin, CommandId, Dispatcher, Registry};
 use crate::server::Shared;
 use crate::wire::request::{self, Request, RequestError};
 use crate::wire::{Frame, Id, Message, canonical_key};
@@ -285,21 +285,22 @@ impl Session {
         };
         entry.deadline = None; // Expired: no longer in the queue.
         entry.settlement.stop();
+        let command = self.shared.registry.command(entry.command);
         let after = self
             .shared
             .config
-            .timeout_for(&entry.command)
+            .timeout_for(&command.name)
             .unwrap_or_default();
         let desc = format!(
             "Command {} timed out after {} ms",
-            entry.command,
+            command.name,
             after.as_millis()
         );
-        tracing::debug!(client = self.client, cmd = %entry.command, "command timed out");
+        tracing::debug!(client = self.client, cmd = %command.name, "command timed out");
         observe::command_finished(
             &self.info,
-            &entry.command,
-            self.shared.registry.metrics_of(&entry.command),
+            &command.name,
+            Some(command.metrics()),
             Some(entry.started),
             observe::Outcome::TimedOut,
             None,
@@ -315,10 +316,11 @@ impl Session {
         self.deadlines = None;
         let (info, registry) = (&self.info, &self.shared.registry);
         self.in_flight.cancel_all(|entry| {
+            let command = registry.command(entry.command);
             observe::command_finished(
                 info,
-                &entry.command,
-                registry.metrics_of(&entry.command),
+                &command.name,
+                Some(command.metrics()),
                 Some(entry.started),
                 observe::Outcome::Abandoned,
                 None,
@@ -352,10 +354,11 @@ impl Session {
             Outcome::Return(_) => (observe::Outcome::Ok, None),
             Outcome::Error(error) => (observe::Outcome::Error, Some(error)),
         };
+        let command = self.shared.registry.command(entry.command);
         observe::command_finished(
             &self.info,
-            &entry.command,
-            self.shared.registry.metrics_of(&entry.command),
+            &command.name,
+            Some(command.metrics()),
             Some(entry.started),
             outcome,
             error,
@@ -363,7 +366,7 @@ impl Session {
         match completion.outcome {
             Outcome::Return(_) if entry.silent_success => {}
             Outcome::Return(value) => self.output.push_back(Message::Return {
-                command: Some(entry.command),
+                command: Some(Arc::clone(&command.name)),
                 id: entry.id,
                 value: json_bytes(value),
             }),
@@ -483,9 +486,9 @@ impl Session {
         if let Err(error) = self.async_checks(id.as_ref()) {
             return self.refuse(id, &name, error);
         }
-        let shared = Arc::clone(&self.shared);
         let offered = self.info.policy().allows_command(&name);
-        let Some(command) = shared.registry.get(&name).filter(|_| offered) else {
+        let Some((command_id, command)) = self.shared.registry.lookup(&name).filter(|_| offered)
+        else {
             let error =
                 QmpError::command_not_found(format!("The command {name} has not been found"));
             return self.refuse(id, &name, error);
@@ -501,50 +504,60 @@ impl Session {
             let error = QmpError::generic(format!("The command {name} does not support OOB"));
             return self.refuse(id, &name, error);
         }
-        let handler = match &command.kind {
+        match &command.kind {
             Dispatcher::Builtin(builtin) => {
-                match self.builtin(*builtin, arguments) {
-                    Ok(value) => {
-                        let outcome = observe::Outcome::Ok;
-                        let metrics = Some(command.metrics());
-                        observe::command_finished(
-                            &self.info,
-                            &command.name,
-                            metrics,
-                            None,
-                            outcome,
-                            None,
-                        );
-                        self.output.push_back(Message::Return {
-                            command: None,
-                            id,
-                            value,
-                        })
-                    }
-                    Err(error) => {
-                        let outcome = observe::Outcome::Error;
-                        let info = &self.info;
-                        let metrics = Some(command.metrics());
-                        observe::command_finished(
-                            info,
-                            &command.name,
-                            metrics,
-                            None,
-                            outcome,
-                            Some(&error),
-                        );
-                        self.push_error(id, error)
-                    }
-                }
-                return None;
+                let builtin = *builtin;
+                self.answer_builtin(command_id, builtin, id, arguments);
+                None
             }
-            Dispatcher::Handler(handler) => Arc::clone(handler),
-        };
+            Dispatcher::Handler(_) => Some(self.start_handler(command_id, id, oob, arguments)),
+        }
+    }
 
+    /// Runs a built-in command and queues its answer.
+    fn answer_builtin(
+        &mut self,
+        command_id: CommandId,
+        builtin: Builtin,
+        id: Option<Id>,
+        arguments: Map<String, Value>,
+    ) {
+        let result = self.builtin(builtin, arguments);
+        let command = self.shared.registry.command(command_id);
+        let (outcome, error) = match &result {
+            Ok(_) => (observe::Outcome::Ok, None),
+            Err(error) => (observe::Outcome::Error, Some(error)),
+        };
+        let metrics = Some(command.metrics());
+        observe::command_finished(&self.info, &command.name, metrics, None, outcome, error);
+        match result {
+            Ok(value) => self.output.push_back(Message::Return {
+                command: None,
+                id,
+                value,
+            }),
+            Err(error) => self.push_error(id, error),
+        }
+    }
+
+    /// Records a handler's request in flight and calls the handler with its return.
+    fn start_handler(
+        &mut self,
+        command_id: CommandId,
+        id: Option<Id>,
+        oob: bool,
+        arguments: Map<String, Value>,
+    ) -> Ticket {
+        // Borrowed field by field: the registry lives in `shared`, the table in `in_flight`.
+        let shared = &self.shared;
+        let command = shared.registry.command(command_id);
+        let Dispatcher::Handler(handler) = &command.kind else {
+            unreachable!("start_handler is called for handlers only");
+        };
         let settlement = Settlement::default();
         let ticket = self.in_flight.insert(NewEntry {
             id,
-            command: Arc::clone(&command.name),
+            command: command_id,
             settlement: settlement.clone(),
             oob,
             silent_success: command.silent_success,
@@ -563,17 +576,11 @@ impl Session {
             .expect("a closed session dispatches nothing");
         let request = RequestContext::new(
             Arc::clone(&self.info),
-            Arc::clone(&shared),
-            Arc::clone(&command.name),
+            Arc::clone(shared),
+            command_id,
             settlement.clone(),
         );
-        let ret = QmpReturn::new(
-            outbox,
-            ticket,
-            Arc::clone(&command.name),
-            settlement,
-            Arc::clone(&shared.returns),
-        );
+        let ret = QmpReturn::new(outbox, ticket, command_id, settlement, Arc::clone(shared));
         let span = tracing::debug_span!("command", client = self.client, cmd = %command.name);
         let _entered = span.enter();
         // A panicking handler drops `ret` while unwinding, which answers the client.
@@ -582,21 +589,14 @@ impl Session {
         if call.is_err() {
             tracing::error!("command handler panicked");
         }
-        Some(ticket)
+        ticket
     }
 
     /// Answers a request refused before it ran, and records it.
     fn refuse(&mut self, id: Option<Id>, name: &str, error: QmpError) -> Option<Ticket> {
         let outcome = observe::Outcome::Refused;
         let metrics = self.shared.registry.metrics_of(name);
-        observe::command_finished(
-            &self.info,
-            &Arc::from(name),
-            metrics,
-            None,
-            outcome,
-            Some(&error),
-        );
+        observe::command_finished(&self.info, name, metrics, None, outcome, Some(&error));
         self.push_error(id, error);
         None
     }
@@ -651,8 +651,11 @@ impl Session {
             }
             Builtin::QueryAsyncCommands => {
                 no_args(arguments)?;
-                let rows: Vec<InFlightRow<'_>> =
-                    self.in_flight.iter().map(|(_, e)| row(e)).collect();
+                let rows: Vec<InFlightRow<'_>> = self
+                    .in_flight
+                    .iter()
+                    .map(|(_, e)| row(e, &self.shared.registry))
+                    .collect();
                 return Ok(Bytes::from(
                     serde_json::to_vec(&rows).expect("rows serialize"),
                 ));
@@ -796,16 +799,17 @@ impl Session {
         };
         entry.settlement.stop();
         self.forget_deadline(&entry);
+        let command = self.shared.registry.command(entry.command);
         observe::command_finished(
             &self.info,
-            &entry.command,
-            self.shared.registry.metrics_of(&entry.command),
+            &command.name,
+            Some(command.metrics()),
             Some(entry.started),
             observe::Outcome::Cancelled,
             None,
         );
-        tracing::debug!(client = self.client, cmd = %entry.command, "command cancelled by the client");
-        let error = QmpError::generic(format!("Command {} has been cancelled", entry.command));
+        tracing::debug!(client = self.client, cmd = %command.name, "command cancelled by the client");
+        let error = QmpError::generic(format!("Command {} has been cancelled", command.name));
         self.push_error(entry.id, error);
         self.left_in_flight(ticket);
         Ok(Value::Object(Map::new()))
@@ -869,11 +873,11 @@ struct InFlightRow<'a> {
     total_progress: Option<u64>,
 }
 
-fn row(entry: &in_flight::Entry) -> InFlightRow<'_> {
+fn row<'a>(entry: &'a in_flight::Entry, registry: &'a Registry) -> InFlightRow<'a> {
     let core = entry.settlement.core();
     let progress = core.reported_progress();
     InFlightRow {
-        command: &entry.command,
+        command: &registry.command(entry.command).name,
         elapsed_ms: entry.started.elapsed().as_millis() as u64,
         id: entry.id.as_ref().map(Id::text),
         oob: entry.oob,
