@@ -39,8 +39,9 @@ pub(crate) struct Entry {
 pub(crate) struct InFlight {
     entries: Slab<Entry>,
     /// Slab keys of indexed entries, hashed by their id key; the key text lives in the
-    /// entry alone, so an id is held once however large it is.
-    by_id: HashTable<usize>,
+    /// entry alone, so an id is held once however large it is. Keys are `u32`: five bytes
+    /// a bucket with its control byte, not nine.
+    by_id: HashTable<u32>,
     /// foldhash, randomly seeded: ids are the client's choice, and this is several times
     /// cheaper than SipHash on the short ids clients send.
     hasher: hashbrown::DefaultHashBuilder,
@@ -93,8 +94,8 @@ impl InFlight {
         let hash = self.hasher.hash_one(id_key);
         let entries = &self.entries;
         self.by_id
-            .find(hash, |&key| key_of(&entries[key]) == Some(id_key))
-            .copied()
+            .find(hash, |&key| key_of(&entries[key as usize]) == Some(id_key))
+            .map(|&key| key as usize)
     }
 
     /// True if an async command with this id key is in flight.
@@ -128,8 +129,10 @@ impl InFlight {
         if let Some(id_key) = key_of(&self.entries[key]) {
             let hash = self.hasher.hash_one(id_key);
             let (entries, hasher) = (&self.entries, &self.hasher);
-            self.by_id.insert_unique(hash, key, |&k| {
-                hasher.hash_one(key_of(&entries[k]).expect("indexed entries have ids"))
+            // A slab key is below the in-flight limit, far below 2^32.
+            let slot = u32::try_from(key).expect("fewer than 2^32 in flight");
+            self.by_id.insert_unique(hash, slot, |&k| {
+                hasher.hash_one(key_of(&entries[k as usize]).expect("indexed entries have ids"))
             });
         }
         self.total.add(1);
@@ -145,7 +148,7 @@ impl InFlight {
         }
         if let Some(id_key) = key_of(&self.entries[ticket.key]) {
             let hash = self.hasher.hash_one(id_key);
-            if let Ok(found) = self.by_id.find_entry(hash, |&k| k == ticket.key) {
+            if let Ok(found) = self.by_id.find_entry(hash, |&k| k as usize == ticket.key) {
                 found.remove();
             }
         }

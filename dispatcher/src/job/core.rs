@@ -4,11 +4,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
+use once_cell::race::OnceBox;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::status::JobStatus;
@@ -40,8 +40,10 @@ pub(crate) struct Core {
     /// `STOP`. One slot rather than a `Notify`: a `Notified` is 64 bytes in every handler
     /// task that waits, and nearly every one waits alone.
     waiter: AtomicWaker,
-    /// Made by the first [`stop_token`](Self::stop_token), cancelled with `STOP`.
-    token: OnceLock<CancellationToken>,
+    /// Made by the first [`stop_token`](Self::stop_token), cancelled with `STOP`. A
+    /// `OnceBox` is one pointer (a `OnceLock` two words): the core stays in glibc's 80-byte
+    /// chunks, one per request in flight.
+    token: OnceBox<CancellationToken>,
 }
 
 const STATUS_MASK: u32 = 0xf;
@@ -60,7 +62,7 @@ impl Core {
             current: AtomicU64::new(0),
             total: AtomicU64::new(0),
             waiter: AtomicWaker::new(),
-            token: OnceLock::new(),
+            token: OnceBox::new(),
         }
     }
 
@@ -91,7 +93,9 @@ impl Core {
 
     /// A token cancelled when the work is told to stop (at once if it was already).
     pub(crate) fn stop_token(&self) -> &CancellationToken {
-        let token = self.token.get_or_init(CancellationToken::new);
+        let token = self
+            .token
+            .get_or_init(|| Box::new(CancellationToken::new()));
         fence(Ordering::SeqCst);
         if self.is_stopped() {
             token.cancel();
