@@ -864,7 +864,7 @@ struct InFlightRow<'a> {
     #[serde(rename = "elapsed-ms")]
     elapsed_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a RawValue>,
+    id: Option<Box<RawValue>>,
     oob: bool,
     status: JobStatus,
     #[serde(rename = "current-progress", skip_serializing_if = "Option::is_none")]
@@ -879,7 +879,7 @@ fn row<'a>(entry: &'a in_flight::Entry, registry: &'a Registry) -> InFlightRow<'
     InFlightRow {
         command: &registry.command(entry.command).name,
         elapsed_ms: entry.started.elapsed().as_millis() as u64,
-        id: entry.id.as_ref().map(Id::text),
+        id: entry.id.as_ref().map(Id::to_raw_value),
         oob: entry.oob,
         status: core.status(),
         current_progress: progress.map(|(current, _)| current),

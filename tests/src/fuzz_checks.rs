@@ -81,7 +81,7 @@ impl From<Frame> for DecodedFrame {
     fn from(frame: Frame) -> Self {
         match frame {
             Frame::Value(parsed) => {
-                DecodedFrame::Value(parsed.value, parsed.id.map(|id| id.get().to_owned()))
+                DecodedFrame::Value(parsed.value, parsed.id.map(|id| id.text().to_owned()))
             }
             // A split request compares as the value it would have been.
             Frame::Request(request) => DecodedFrame::from(Frame::Value(request.into_parsed())),

@@ -5,7 +5,6 @@
 
 use bytes::{BufMut, BytesMut};
 use serde::Serialize;
-use serde_json::value::RawValue;
 
 use crate::error::QmpError;
 
@@ -29,23 +28,23 @@ impl LineEnding {
     }
 }
 
-/// Appends `{"return": VALUE, "id": ID}`; `value` is JSON text.
-pub fn success(out: &mut BytesMut, value: &[u8], id: Option<&RawValue>) {
+/// Appends `{"return": VALUE, "id": ID}`; `value` and `id` are JSON text.
+pub fn success(out: &mut BytesMut, value: &[u8], id: Option<&str>) {
     out.put_slice(b"{\"return\": ");
     out.put_slice(value);
     if let Some(id) = id {
         out.put_slice(b", \"id\": ");
-        out.put_slice(id.get().as_bytes());
+        out.put_slice(id.as_bytes());
     }
     out.put_slice(b"}");
 }
 
-/// Appends `{"id": ID, "error": {"class": C, "desc": D}}`.
-pub fn error(out: &mut BytesMut, err: &QmpError, id: Option<&RawValue>) {
+/// Appends `{"id": ID, "error": {"class": C, "desc": D}}`; `id` is JSON text.
+pub fn error(out: &mut BytesMut, err: &QmpError, id: Option<&str>) {
     out.put_slice(b"{");
     if let Some(id) = id {
         out.put_slice(b"\"id\": ");
-        out.put_slice(id.get().as_bytes());
+        out.put_slice(id.as_bytes());
         out.put_slice(b", ");
     }
     out.put_slice(b"\"error\": {\"class\": \"");
@@ -93,14 +92,10 @@ mod tests {
     use super::*;
     use crate::error::ErrorClass;
 
-    fn raw(s: &str) -> Box<RawValue> {
-        RawValue::from_string(s.to_string()).unwrap()
-    }
-
     #[test]
     fn success_echoes_the_raw_id() {
         let mut out = BytesMut::new();
-        success(&mut out, b"{}", Some(&raw("{\"b\":1,\"a\":1.0}")));
+        success(&mut out, b"{}", Some("{\"b\":1,\"a\":1.0}"));
         assert_eq!(&out[..], b"{\"return\": {}, \"id\": {\"b\":1,\"a\":1.0}}");
     }
 

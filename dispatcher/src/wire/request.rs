@@ -229,20 +229,20 @@ mod tests {
         assert!(req.oob);
         assert_eq!(req.command, "q");
         assert_eq!(req.arguments["a"], 1);
-        assert_eq!(req.id.unwrap().get(), "\"x\"");
+        assert_eq!(req.id.unwrap().text(), "\"x\"");
     }
 
     #[test]
     fn ids_keep_their_text_and_key() {
         let req = parse(parsed(r#"{"execute":"x","id":1e400}"#), false).unwrap();
         let id = req.id.unwrap();
-        assert_eq!((id.text().get(), id.key()), ("1e400", "1e400"));
+        assert_eq!((id.text(), id.key()), ("1e400", "1e400"));
         let err = parse(parsed(r#"{"id":{"b":-0,"a":1.00},"zz":1}"#), false).unwrap_err();
         let id = err.id.unwrap();
-        assert_eq!(id.text().get(), r#"{"b":-0,"a":1.00}"#);
+        assert_eq!(id.text(), r#"{"b":-0,"a":1.00}"#);
         assert_eq!(id.key(), r#"{"a":1.0,"b":0}"#);
         // `as_deref` still gives the echo text for the encoder.
         let req = parse(parsed(r#"{"execute":"x","id":[1]}"#), false).unwrap();
-        assert_eq!(req.id.as_deref().map(|raw| raw.get()), Some("[1]"));
+        assert_eq!(req.id.as_deref(), Some("[1]"));
     }
 }

@@ -48,7 +48,7 @@ impl Envelope {
         }
         if let Some(id) = &self.id {
             // Only plain strings and integers come this way: standard JSON.
-            let value = serde_json::from_str(id.text().get()).unwrap_or(Value::Null);
+            let value = serde_json::from_str(id.text()).unwrap_or(Value::Null);
             map.insert("id".into(), value);
         }
         ParsedValue {
@@ -167,7 +167,7 @@ mod tests {
         let arguments = serde_json::Value::Object(request.arguments.unwrap());
         assert_eq!(arguments, json!({"id": 1, "a": [1]}));
         let id = request.id.unwrap();
-        assert_eq!((id.text().get(), id.key()), ("\"x\"", "\"x\""));
+        assert_eq!((id.text(), id.key()), ("\"x\"", "\"x\""));
 
         let Frame::Request(request) = frame(r#"{"id":-12,"exec-oob":"r"}"#) else {
             panic!("not split");

@@ -11,12 +11,17 @@ use serde_json::value::RawValue;
 
 /// The `id` member of a request: its echo text and its canonical key.
 ///
-/// Dereferences to the echo text, so `Option<Id>::as_deref` gives `Option<&RawValue>`.
+/// Dereferences to the echo text, so `Option<Id>::as_deref` gives `Option<&str>`.
 /// Equality and hashing are by key.
+///
+/// The text is JSON that this crate's lexer checked or its writer wrote, held as a string
+/// rather than a `serde_json::value::RawValue`: making one of those parses the text again,
+/// which was a tenth of the server's work per request (docs/performance.md).
+/// [`to_raw_value`](Self::to_raw_value) makes one when it is wanted.
 #[derive(Clone)]
 pub struct Id {
     /// Compact JSON in the original member order and number spelling.
-    text: Box<RawValue>,
+    text: Box<str>,
     /// The canonical key, when it is not the same as `text`.
     key: Option<Box<str>>,
 }
@@ -24,23 +29,28 @@ pub struct Id {
 impl Id {
     /// The text echoed in replies: compact JSON, members in their original order, numbers
     /// as spelled, strings in standard JSON escaping.
-    pub fn text(&self) -> &RawValue {
+    pub fn text(&self) -> &str {
         &self.text
+    }
+
+    /// The echo text as a `RawValue`, to embed in a serialized structure (parses it again).
+    pub fn to_raw_value(&self) -> Box<RawValue> {
+        RawValue::from_string(self.text.to_string()).expect("an id's text is JSON")
     }
 
     /// The canonical key: equal for ids that are the same JSON value (see the module doc
     /// of `wire::json`), the same as [`canonical_key`] of the parsed value.
     pub fn key(&self) -> &str {
-        self.key.as_deref().unwrap_or(self.text.get())
+        self.key.as_deref().unwrap_or(&self.text)
     }
 
     /// Bytes of heap this id holds, for memory budgets.
     pub fn heap_size(&self) -> usize {
-        self.text.get().len() + self.key.as_ref().map_or(0, |key| key.len())
+        self.text.len() + self.key.as_ref().map_or(0, |key| key.len())
     }
 
     /// The echo text, dropping the key.
-    pub fn into_text(self) -> Box<RawValue> {
+    pub fn into_text(self) -> Box<str> {
         self.text
     }
 
@@ -58,17 +68,16 @@ impl Id {
         if !canonical {
             return None;
         }
-        // Plain strings and integer tokens are ASCII.
-        let text = String::from_utf8(token.to_vec()).ok()?;
-        let text = RawValue::from_string(text).ok()?;
+        // Plain strings and integer tokens are ASCII, and JSON as they stand.
+        let text = std::str::from_utf8(token).ok()?.into();
         Some(Id { text, key: None })
     }
 }
 
 impl Deref for Id {
-    type Target = RawValue;
+    type Target = str;
 
-    fn deref(&self) -> &RawValue {
+    fn deref(&self) -> &str {
         &self.text
     }
 }
@@ -90,8 +99,8 @@ impl std::hash::Hash for Id {
 impl fmt::Debug for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.key {
-            None => write!(f, "Id({})", self.text.get()),
-            Some(key) => write!(f, "Id({}, key {key})", self.text.get()),
+            None => write!(f, "Id({})", self.text),
+            Some(key) => write!(f, "Id({}, key {key})", self.text),
         }
     }
 }
@@ -345,11 +354,12 @@ impl IdBuilder {
 
     /// The id, once its value is complete.
     pub(super) fn finish(self) -> Option<Id> {
-        let text = RawValue::from_string(self.echo.into_string()).ok()?;
+        // The writer's output is compact JSON: it needs no second check.
+        let text = self.echo.into_string().into_boxed_str();
         let key = self
             .key
             .map(Writer::into_string)
-            .filter(|key| key != text.get())
+            .filter(|key| **key != *text)
             .map(String::into_boxed_str);
         Some(Id { text, key })
     }

@@ -328,7 +328,7 @@ fn id_of(input: &[u8]) -> Option<String> {
     let mut dec = JsonDecoder::default();
     let mut buf = BytesMut::from(input);
     match dec.decode(&mut buf) {
-        Some(Frame::Value(p)) => p.id.map(|r| r.get().to_owned()),
+        Some(Frame::Value(p)) => p.id.map(|r| r.text().to_owned()),
         other => panic!("unexpected {other:?}"),
     }
 }
@@ -792,7 +792,7 @@ fn whole_buffer_matches_byte_at_a_time() {
                     Frame::Value(v) => format!(
                         "V:{} id:{:?}",
                         v.value,
-                        v.id.map(|r| (r.get().to_owned(), r.key().to_owned()))
+                        v.id.map(|r| (r.text().to_owned(), r.key().to_owned()))
                     ),
                     Frame::Error(e) => format!("E:{e}"),
                     Frame::Request(_) => unreachable!("turned into a value above"),
@@ -913,7 +913,7 @@ fn key_of(id: &str) -> String {
         }
     }
     let split = split.expect("an id byte by byte");
-    assert_eq!(whole.text().get(), split.text().get(), "{id}");
+    assert_eq!(whole.text(), split.text(), "{id}");
     assert_eq!(whole.key(), split.key(), "{id}");
     whole.key().to_owned()
 }
@@ -960,24 +960,25 @@ fn id_keys_compare_values() {
 fn id_text_and_key_storage() {
     // -0 is echoed as spelled; its key is 0, stored separately.
     let id = parsed_id(br#"{"execute":"x","id":-0}"#);
-    assert_eq!((id.text().get(), id.key()), ("-0", "0"));
+    assert_eq!((id.text(), id.key()), ("-0", "0"));
     assert_eq!(id.heap_size(), 3);
     // The common case: text and key are one string.
     let id = parsed_id(br#"{"execute":"x","id":"__qmp#00001"}"#);
-    assert_eq!(id.key(), id.text().get());
+    assert_eq!(id.key(), id.text());
     assert_eq!(id.heap_size(), 13);
     let id = parsed_id(br#"{"id":{"a":[1,{"b":2}],"c":null}}"#);
-    assert_eq!(id.key(), id.text().get());
-    assert_eq!(id.heap_size(), id.text().get().len());
+    assert_eq!(id.key(), id.text());
+    assert_eq!(id.heap_size(), id.text().len());
     // A 100000-digit integer is held once, in its own spelling.
     let digits = "7".repeat(100_000);
     let id = parsed_id(format!(r#"{{"id":{digits}}}"#).as_bytes());
-    assert_eq!(id.text().get(), digits);
+    assert_eq!(id.text(), digits);
     assert_eq!(id.key(), digits);
     assert_eq!(id.heap_size(), 100_000);
     // Deref gives the echo text.
-    let raw: &serde_json::value::RawValue = &id;
-    assert_eq!(raw.get().len(), 100_000);
+    let text: &str = &id;
+    assert_eq!(text.len(), 100_000);
+    assert_eq!(id.to_raw_value().get(), digits);
 }
 
 #[test]
