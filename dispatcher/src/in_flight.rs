@@ -50,6 +50,8 @@ pub(crate) struct InFlight {
     retained: usize,
     /// The server-wide total in `Stats`, kept in step with `entries` here and nowhere else.
     total: Arc<SpreadCounter>,
+    /// The same total for the metrics recorder (`qmp_commands_in_flight`).
+    gauge: metrics::Gauge,
 }
 
 /// What to record for a newly dispatched command.
@@ -73,6 +75,7 @@ impl InFlight {
             next_seq: 0,
             retained: 0,
             total,
+            gauge: crate::observe::in_flight_gauge(),
         }
     }
 
@@ -125,7 +128,7 @@ impl InFlight {
             indexed: new.indexed,
             deadline: None,
         });
-        crate::observe::in_flight_changed(1.0);
+        self.gauge.increment(1.0);
         if let Some(id_key) = key_of(&self.entries[key]) {
             let hash = self.hasher.hash_one(id_key);
             let (entries, hasher) = (&self.entries, &self.hasher);
@@ -155,7 +158,7 @@ impl InFlight {
         let entry = self.entries.remove(ticket.key);
         self.retained -= entry.id.as_ref().map_or(0, Id::heap_size);
         self.total.add(-1);
-        crate::observe::in_flight_changed(-1.0);
+        self.gauge.decrement(1.0);
         Some(entry)
     }
 
@@ -193,7 +196,7 @@ impl InFlight {
     /// Cancels and forgets everything: the client is gone.
     pub(crate) fn cancel_all(&mut self, mut each: impl FnMut(&Entry)) {
         self.total.add(-(self.entries.len() as isize));
-        crate::observe::in_flight_changed(-(self.entries.len() as f64));
+        self.gauge.decrement(self.entries.len() as f64);
         for entry in self.entries.drain() {
             // The client is gone either way; a reply committed first merely keeps its effect.
             entry.settlement.cancel();

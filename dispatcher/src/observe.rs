@@ -147,9 +147,10 @@ pub(crate) fn clients_changed(delta: f64) {
     metrics::gauge!(names::CLIENTS_CONNECTED).increment(delta);
 }
 
-/// Commands entered (`+1`) or left (`-1`) an in-flight table.
-pub(crate) fn in_flight_changed(delta: f64) {
-    metrics::gauge!(names::COMMANDS_IN_FLIGHT).increment(delta);
+/// The gauge of commands in flight, for one in-flight table to keep: registering a series
+/// on every change would look it up twice per command.
+pub(crate) fn in_flight_gauge() -> metrics::Gauge {
+    metrics::gauge!(names::COMMANDS_IN_FLIGHT)
 }
 
 /// One event was queued to `sent` clients and dropped for `dropped` lagging ones.

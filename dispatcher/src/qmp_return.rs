@@ -335,9 +335,12 @@ pub enum ReplyError {
 
 /// The one rule for success values: JSON, with `null` sent as `{}`.
 fn encode_return<T: Serialize + ?Sized>(value: &T) -> Result<Box<RawValue>, serde_json::Error> {
+    // Made once: building a RawValue from text parses it, and most commands return nothing.
+    static EMPTY: std::sync::LazyLock<Box<RawValue>> =
+        std::sync::LazyLock::new(|| RawValue::from_string("{}".to_string()).expect("{} is JSON"));
     let raw = serde_json::value::to_raw_value(value)?;
     if raw.get() == "null" {
-        return Ok(RawValue::from_string("{}".to_string()).expect("{} is JSON"));
+        return Ok(EMPTY.clone());
     }
     Ok(raw)
 }
