@@ -1,6 +1,7 @@
 //! The request envelope: `{"execute" | "exec-oob": NAME, "arguments": {...}, "id": ANY}`,
 //! validated in QEMU's order with QEMU's texts.
 
+use compact_str::CompactString;
 use serde_json::{Map, Value};
 
 use super::json::{Envelope, Id, ParsedValue};
@@ -10,8 +11,9 @@ use crate::error::QmpError;
 /// A request whose envelope is valid. The command itself is not looked up yet.
 #[derive(Debug)]
 pub struct Request {
-    /// The command name, from `execute` or `exec-oob`.
-    pub command: String,
+    /// The command name, from `execute` or `exec-oob` (held inline up to 24 bytes, so a
+    /// request costs no allocation for its name).
+    pub command: CompactString,
     /// True when sent with `exec-oob`.
     pub oob: bool,
     /// The arguments; `{}` when the member was absent.
@@ -90,10 +92,10 @@ pub fn parse(parsed: ParsedValue, oob_enabled: bool) -> Result<Request, RequestE
     };
     let oob = command_key == "exec-oob";
     // One pass taking members by value; the envelope was validated above.
-    let (mut command, mut arguments) = (String::new(), Map::new());
+    let (mut command, mut arguments) = (CompactString::default(), Map::new());
     for (key, value) in map {
         match (key.as_str(), value) {
-            (key, Value::String(name)) if key == command_key => command = name,
+            (key, Value::String(name)) if key == command_key => command = name.into(),
             ("arguments", Value::Object(object)) => arguments = object,
             _ => {}
         }

@@ -15,20 +15,21 @@
 //! client sees never depends on which path ran: [`Envelope::into_parsed`] gives the value
 //! the other path would have given, which the tests compare.
 
+use compact_str::CompactString;
 use serde_json::{Map, Value};
 
 use super::fast::Live;
 use super::grammar::{self, Open, Source};
 use super::id::Id;
 use super::scanner::{T_COLON, T_COMMA, T_LCURLY, T_PLAIN_STR, T_RCURLY};
-use super::strings::decode_plain;
+use super::strings::decode_plain_compact;
 use super::{Limits, ParsedValue};
 
 /// A request object as the single-pass path splits it.
 #[derive(Debug)]
 pub struct Envelope {
-    /// The command name, from `execute` or `exec-oob`.
-    pub command: String,
+    /// The command name, from `execute` or `exec-oob` (held inline up to 24 bytes).
+    pub command: CompactString,
     /// The name came in `exec-oob` (there was no `execute`).
     pub exec_oob: bool,
     /// The `arguments` object; `None` when the member was absent.
@@ -42,7 +43,7 @@ impl Envelope {
     pub fn into_parsed(self) -> ParsedValue {
         let mut map = Map::new();
         let name = if self.exec_oob { "exec-oob" } else { "execute" };
-        map.insert(name.into(), Value::String(self.command));
+        map.insert(name.into(), Value::String(self.command.into_string()));
         if let Some(arguments) = self.arguments {
             map.insert("arguments".into(), Value::Object(arguments));
         }
@@ -96,7 +97,7 @@ pub(super) fn decode(
     }
     let mut seen = 0u8;
     let mut envelope = Envelope {
-        command: String::new(),
+        command: CompactString::default(),
         exec_oob: false,
         arguments: None,
         id: None,
@@ -114,7 +115,7 @@ pub(super) fn decode(
                 if kind != T_PLAIN_STR {
                     return None;
                 }
-                envelope.command = decode_plain(name);
+                envelope.command = decode_plain_compact(name);
                 envelope.exec_oob = member == Member::ExecOob;
             }
             Member::Arguments => match grammar::parse_nested(&mut live, stack).ok()? {

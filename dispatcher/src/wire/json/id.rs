@@ -4,6 +4,7 @@
 use std::fmt;
 use std::ops::Deref;
 
+use compact_str::CompactString;
 use serde_json::Value;
 
 use super::strings::plain_len;
@@ -17,13 +18,15 @@ use serde_json::value::RawValue;
 /// The text is JSON that this crate's lexer checked or its writer wrote, held as a string
 /// rather than a `serde_json::value::RawValue`: making one of those parses the text again,
 /// which was a tenth of the server's work per request (docs/performance.md).
-/// [`to_raw_value`](Self::to_raw_value) makes one when it is wanted.
+/// [`to_raw_value`](Self::to_raw_value) makes one when it is wanted. Ids of up to 24 bytes,
+/// nearly all of them, are held inline without an allocation.
 #[derive(Clone)]
 pub struct Id {
     /// Compact JSON in the original member order and number spelling.
-    text: Box<str>,
-    /// The canonical key, when it is not the same as `text`.
-    key: Option<Box<str>>,
+    text: CompactString,
+    /// The canonical key, when it is not the same as `text` (rare: boxed twice so that an
+    /// id stays 32 bytes).
+    key: Option<Box<Box<str>>>,
 }
 
 impl Id {
@@ -41,7 +44,7 @@ impl Id {
     /// The canonical key: equal for ids that are the same JSON value (see the module doc
     /// of `wire::json`), the same as [`canonical_key`] of the parsed value.
     pub fn key(&self) -> &str {
-        self.key.as_deref().unwrap_or(&self.text)
+        self.key.as_deref().map_or(&self.text, |key| key)
     }
 
     /// Bytes of heap this id holds, for memory budgets.
@@ -51,7 +54,7 @@ impl Id {
 
     /// The echo text, dropping the key.
     pub fn into_text(self) -> Box<str> {
-        self.text
+        self.text.into_string().into_boxed_str()
     }
 
     /// The id a single token is, when its spelling is its canonical key: a plain string
@@ -69,7 +72,7 @@ impl Id {
             return None;
         }
         // Plain strings and integer tokens are ASCII, and JSON as they stand.
-        let text = std::str::from_utf8(token).ok()?.into();
+        let text = CompactString::from_utf8(token).ok()?;
         Some(Id { text, key: None })
     }
 }
@@ -355,12 +358,12 @@ impl IdBuilder {
     /// The id, once its value is complete.
     pub(super) fn finish(self) -> Option<Id> {
         // The writer's output is compact JSON: it needs no second check.
-        let text = self.echo.into_string().into_boxed_str();
+        let text = CompactString::from(self.echo.into_string());
         let key = self
             .key
             .map(Writer::into_string)
             .filter(|key| **key != *text)
-            .map(String::into_boxed_str);
+            .map(|key| Box::new(key.into_boxed_str()));
         Some(Id { text, key })
     }
 }

@@ -69,6 +69,12 @@ pub(super) fn decode_plain(tok: &[u8]) -> String {
     String::from_utf8(body.to_vec()).unwrap_or_default()
 }
 
+/// [`decode_plain`] into a string held inline when short: a command name.
+pub(super) fn decode_plain_compact(tok: &[u8]) -> compact_str::CompactString {
+    let body = &tok[1..tok.len().saturating_sub(1).max(1)];
+    compact_str::CompactString::from_utf8(body).unwrap_or_default()
+}
+
 /// Decodes a lexically valid string token (with its quotes) into its value, with QEMU's
 /// escape rules and error texts.
 pub(super) fn decode_string(tok: &[u8]) -> Result<String, String> {
