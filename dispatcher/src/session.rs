@@ -285,7 +285,13 @@ impl Session {
         };
         entry.deadline = None; // Expired: no longer in the queue.
         entry.settlement.stop();
-        let command = self.shared.registry.command(entry.command);
+        let command = record_end(
+            &self.info,
+            &self.shared.registry,
+            &entry,
+            observe::Outcome::TimedOut,
+            None,
+        );
         let after = self
             .shared
             .config
@@ -297,14 +303,6 @@ impl Session {
             after.as_millis()
         );
         tracing::debug!(client = self.client, cmd = %command.name, "command timed out");
-        observe::command_finished(
-            &self.info,
-            &command.name,
-            Some(command.metrics()),
-            Some(entry.started),
-            observe::Outcome::TimedOut,
-            None,
-        );
         self.push_error(entry.id, QmpError::generic(desc));
         self.left_in_flight(ticket);
         self.advance();
@@ -316,15 +314,7 @@ impl Session {
         self.deadlines = None;
         let (info, registry) = (&self.info, &self.shared.registry);
         self.in_flight.cancel_all(|entry| {
-            let command = registry.command(entry.command);
-            observe::command_finished(
-                info,
-                &command.name,
-                Some(command.metrics()),
-                Some(entry.started),
-                observe::Outcome::Abandoned,
-                None,
-            )
+            record_end(info, registry, entry, observe::Outcome::Abandoned, None);
         });
         self.backlog.clear();
         self.lookahead = None;
@@ -354,15 +344,7 @@ impl Session {
             Outcome::Return(_) => (observe::Outcome::Ok, None),
             Outcome::Error(error) => (observe::Outcome::Error, Some(error)),
         };
-        let command = self.shared.registry.command(entry.command);
-        observe::command_finished(
-            &self.info,
-            &command.name,
-            Some(command.metrics()),
-            Some(entry.started),
-            outcome,
-            error,
-        );
+        let command = record_end(&self.info, &self.shared.registry, &entry, outcome, error);
         match completion.outcome {
             Outcome::Return(_) if entry.silent_success => {}
             Outcome::Return(value) => self.output.push_back(Message::Return {
@@ -799,15 +781,8 @@ impl Session {
         };
         entry.settlement.stop();
         self.forget_deadline(&entry);
-        let command = self.shared.registry.command(entry.command);
-        observe::command_finished(
-            &self.info,
-            &command.name,
-            Some(command.metrics()),
-            Some(entry.started),
-            observe::Outcome::Cancelled,
-            None,
-        );
+        let outcome = observe::Outcome::Cancelled;
+        let command = record_end(&self.info, &self.shared.registry, &entry, outcome, None);
         tracing::debug!(client = self.client, cmd = %command.name, "command cancelled by the client");
         let error = QmpError::generic(format!("Command {} has been cancelled", command.name));
         self.push_error(entry.id, error);
@@ -871,6 +846,28 @@ struct InFlightRow<'a> {
     current_progress: Option<u64>,
     #[serde(rename = "total-progress", skip_serializing_if = "Option::is_none")]
     total_progress: Option<u64>,
+}
+
+/// Records the end of a request that was in flight (its counter, latency and audit line);
+/// returns its command.
+fn record_end<'r>(
+    client: &ClientInfo,
+    registry: &'r Registry,
+    entry: &in_flight::Entry,
+    outcome: observe::Outcome,
+    error: Option<&QmpError>,
+) -> &'r crate::registry::Entry {
+    let command = registry.command(entry.command);
+    let metrics = Some(command.metrics());
+    observe::command_finished(
+        client,
+        &command.name,
+        metrics,
+        Some(entry.started),
+        outcome,
+        error,
+    );
+    command
 }
 
 fn row<'a>(entry: &'a in_flight::Entry, registry: &'a Registry) -> InFlightRow<'a> {
